@@ -1,0 +1,147 @@
+/**
+ * The error catalogue: every error a caller can see, with its stable code, its gRPC status and its
+ * message template. Layers throw `NormserveError`s made here; one place on the wire turns them into
+ * statuses (src/server/status.ts). docs/errors.md lists the same table, and a test keeps the two in
+ * step.
+ *
+ * Where PyTorch raises for the same call, the template is PyTorch's own text and `pythonType` names
+ * the exception class, so a client can re-raise what `torch.nn.BatchNorm*d` would have raised.
+ */
+
+/** gRPC status codes (google.rpc.Code), kept here so that no pure layer imports grpc-js. */
+export const Status = {
+  OK: 0,
+  CANCELLED: 1,
+  UNKNOWN: 2,
+  INVALID_ARGUMENT: 3,
+  DEADLINE_EXCEEDED: 4,
+  NOT_FOUND: 5,
+  ALREADY_EXISTS: 6,
+  PERMISSION_DENIED: 7,
+  RESOURCE_EXHAUSTED: 8,
+  FAILED_PRECONDITION: 9,
+  ABORTED: 10,
+  OUT_OF_RANGE: 11,
+  UNIMPLEMENTED: 12,
+  INTERNAL: 13,
+  UNAVAILABLE: 14,
+  DATA_LOSS: 15,
+  UNAUTHENTICATED: 16,
+} as const;
+export type StatusCode = (typeof Status)[keyof typeof Status];
+
+export type PythonType = 'ValueError' | 'RuntimeError' | 'AttributeError';
+
+interface Entry {
+  readonly status: StatusCode;
+  /** `{placeholder}`s are replaced by the arguments of the same name. */
+  readonly template: string;
+  readonly pythonType?: PythonType;
+}
+
+/** The catalogue. Keys are the stable codes (google.rpc.ErrorInfo.reason). */
+export const catalogue = {
+  // Names and lookup
+  BN_ERR_MODULE_NOT_FOUND: { status: Status.NOT_FOUND, template: "module '{name}' not found" },
+  BN_ERR_MODULE_EXISTS: { status: Status.ALREADY_EXISTS, template: "module '{name}' already exists" },
+  BN_ERR_INVALID_NAME: {
+    status: Status.INVALID_ARGUMENT,
+    template:
+      'invalid module name {name}: use 1 to 256 characters from A-Z a-z 0-9 _ . : / -, starting with a letter, digit or underscore',
+  },
+  BN_ERR_INVALID_PAGE_TOKEN: {
+    status: Status.INVALID_ARGUMENT,
+    template: 'page_token {token} was not issued by ListModules; start again with an empty page_token',
+  },
+
+  // Configuration
+  BN_ERR_INVALID_CONFIG: { status: Status.INVALID_ARGUMENT, template: 'invalid module config: {detail}' },
+  BN_ERR_INVALID_UPDATE: { status: Status.INVALID_ARGUMENT, template: 'invalid update: {detail}' },
+
+  // Tensors on the wire
+  BN_ERR_INVALID_TENSOR: { status: Status.INVALID_ARGUMENT, template: 'invalid tensor {field}: {detail}' },
+  BN_ERR_UNSUPPORTED_DTYPE: {
+    status: Status.INVALID_ARGUMENT,
+    template: '{field} has dtype {dtype}; this call takes {accepted}',
+  },
+  BN_ERR_TENSOR_TOO_LARGE: {
+    status: Status.RESOURCE_EXHAUSTED,
+    template: '{field} has {elements} elements, over the limit max_tensor_elements={limit}',
+  },
+
+  // PyTorch's forward errors (batchnorm-semantics.md §2.4, §3)
+  BN_ERR_INPUT_RANK: { status: Status.INVALID_ARGUMENT, template: 'expected {expected} input (got {rank}D input)', pythonType: 'ValueError' },
+  BN_ERR_ZERO_CHANNELS: {
+    status: Status.INVALID_ARGUMENT,
+    template: 'SyncBatchNorm number of input channels should be non-zero',
+    pythonType: 'ValueError',
+  },
+  BN_ERR_ONE_VALUE_PER_CHANNEL: {
+    status: Status.INVALID_ARGUMENT,
+    template: 'Expected more than 1 value per channel when training, got input size {size}',
+    pythonType: 'ValueError',
+  },
+  BN_ERR_CHANNEL_MISMATCH: {
+    status: Status.INVALID_ARGUMENT,
+    template: '{tensor} should contain {channels} elements not {length}',
+    pythonType: 'RuntimeError',
+  },
+  BN_ERR_BUFFER_UNDEFINED: {
+    status: Status.FAILED_PRECONDITION,
+    template: '{buffer} must be defined in evaluation mode',
+    pythonType: 'RuntimeError',
+  },
+
+  // PyTorch's state errors (§2.3, §9)
+  BN_ERR_BUFFER_IS_NONE: {
+    status: Status.FAILED_PRECONDITION,
+    template:
+      "{operation}() needs running_mean, running_var and num_batches_tracked while track_running_stats is True, but {buffer} is None (PyTorch raises AttributeError: 'NoneType' object has no attribute '{method}'); nothing was changed",
+    pythonType: 'AttributeError',
+  },
+  BN_ERR_LOAD_STATE: {
+    status: Status.INVALID_ARGUMENT,
+    template: 'Error(s) in loading state_dict for {className}:\n\t{errors}',
+    pythonType: 'RuntimeError',
+  },
+
+  // Capacity and service state
+  BN_ERR_TOO_MANY_MODULES: {
+    status: Status.RESOURCE_EXHAUSTED,
+    template: 'cannot create module {name}: the server holds {count} modules, the limit max_modules={limit}',
+  },
+  BN_ERR_SHUTTING_DOWN: { status: Status.UNAVAILABLE, template: 'the server is shutting down; retry on another replica' },
+  BN_ERR_INTERNAL: { status: Status.INTERNAL, template: 'internal error: {detail}' },
+} as const satisfies Record<string, Entry>;
+
+export type ErrorCode = keyof typeof catalogue;
+
+type Placeholders<T extends string> = T extends `${string}{${infer P}}${infer Rest}` ? P | Placeholders<Rest> : never;
+export type ErrorArgs<C extends ErrorCode> = { [K in Placeholders<(typeof catalogue)[C]['template']>]: string | number | bigint };
+
+/** An error from the catalogue. `field` names the request field at fault, when there is one. */
+export class NormserveError extends Error {
+  override readonly name = 'NormserveError';
+  readonly status: StatusCode;
+  readonly pythonType: PythonType | undefined;
+
+  constructor(
+    readonly code: ErrorCode,
+    message: string,
+    readonly field?: string,
+  ) {
+    super(message);
+    const entry: Entry = catalogue[code];
+    this.status = entry.status;
+    this.pythonType = entry.pythonType;
+  }
+}
+
+export function formatTemplate(template: string, args: Record<string, string | number | bigint>): string {
+  return template.replace(/\{(\w+)\}/g, (whole, key: string) => (key in args ? String(args[key]) : whole));
+}
+
+/** Makes the catalogue error `code` with its template filled from `args`. */
+export function bnError<C extends ErrorCode>(code: C, args: ErrorArgs<C>, field?: string): NormserveError {
+  return new NormserveError(code, formatTemplate(catalogue[code].template, args as Record<string, string>), field);
+}

@@ -1,0 +1,48 @@
+/**
+ * The kernel interface: the arithmetic that touches every element of a tensor. Each backend
+ * implements it over typed arrays; none of them knows about modules, buffers or the wire.
+ *
+ * Tensors are float32, row-major, viewed as (N, C, S) where S is the product of the spatial
+ * dimensions (1 for an (N, C) input): element (n, c, s) is at index (n * C + c) * S + s.
+ * Per-channel quantities are float64.
+ */
+
+export const BACKEND_NAMES = ['webgpu', 'headlessgl', 'webasm', 'cpu', 'reference'] as const;
+export type BackendName = (typeof BACKEND_NAMES)[number];
+
+export interface Layout {
+  readonly n: number;
+  readonly c: number;
+  readonly s: number;
+}
+
+/** Per channel: the mean, and the sum of squared deviations from it (count = n * s). */
+export interface ChannelStats {
+  readonly mean: Float64Array;
+  readonly m2: Float64Array;
+}
+
+/** Per channel: y = (x - mean) * scale + shift. */
+export interface NormalizeParams {
+  readonly mean: Float64Array;
+  readonly scale: Float64Array;
+  readonly shift: Float64Array;
+}
+
+export interface Kernels {
+  readonly backend: BackendName;
+  /** A line for logs: what runs underneath (adapter, renderer, executor). */
+  readonly description: string;
+  /** Batch statistics of each channel. Requires n * s > 0. */
+  stats(x: Float32Array, layout: Layout): Promise<ChannelStats>;
+  /** The normalised tensor, in a new array of x's length. */
+  normalize(x: Float32Array, layout: Layout, params: NormalizeParams): Promise<Float32Array>;
+  /** Releases compiled kernels and device resources. */
+  dispose(): Promise<void>;
+}
+
+export function layoutOf(shape: readonly number[]): Layout {
+  let s = 1;
+  for (let i = 2; i < shape.length; i++) s *= shape[i]!;
+  return { n: shape[0]!, c: shape[1]!, s };
+}

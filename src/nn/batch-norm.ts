@@ -1,0 +1,308 @@
+/**
+ * One BatchNorm module as a state machine with PyTorch 1.13's rules (docs/semantics.md, from
+ * batchnorm-semantics.md §2–§5, §9). Pure: it holds typed arrays and asks a `Kernels` backend for
+ * statistics and normalisation; it never sees the wire.
+ *
+ * Every operation validates before it changes anything, except where PyTorch itself changes
+ * state before raising: a forward bumps num_batches_tracked before the one-value-per-channel,
+ * empty-input and channel checks (§3), so a failed forward can leave the counter one higher.
+ */
+import { bnError } from '../errors.js';
+import { layoutOf, type Kernels } from '../kernels/kernels.js';
+import { CLASS_NAMES, checkEps, checkMomentum, moduleRepr, type ModuleConfig } from './config.js';
+import { loadStateDict, type LoadInput, type LoadResult, type StateDict } from './state-dict.js';
+
+export const BUFFER_NAMES = ['running_mean', 'running_var', 'num_batches_tracked'] as const;
+export type BufferName = (typeof BUFFER_NAMES)[number];
+
+/** A read-only copy of what a module holds; `null` is Python's None. */
+export interface ModuleSnapshot {
+  readonly config: ModuleConfig;
+  readonly training: boolean;
+  readonly trackRunningStats: boolean;
+  readonly eps: number;
+  readonly momentum: number | null;
+  readonly weight: Float32Array | null;
+  readonly bias: Float32Array | null;
+  readonly runningMean: Float32Array | null;
+  readonly runningVar: Float32Array | null;
+  readonly numBatchesTracked: bigint | null;
+}
+
+export interface ModuleUpdate {
+  training?: boolean | undefined;
+  trackRunningStats?: boolean | undefined;
+  /** A number assigns momentum; null assigns momentum = None. */
+  momentum?: number | null | undefined;
+  eps?: number | undefined;
+  clearBuffers?: readonly BufferName[] | undefined;
+}
+
+/** PyTorch's repr of a shape, as it appears in error texts: `torch.Size([1, 3])`. */
+export function torchSize(shape: readonly number[]): string {
+  return `torch.Size([${shape.join(', ')}])`;
+}
+
+const RANKS: Readonly<Record<ModuleConfig['kind'], { ok: (rank: number) => boolean; expected: string }>> = {
+  BATCH_NORM_1D: { ok: (r) => r === 2 || r === 3, expected: '2D or 3D' },
+  BATCH_NORM_2D: { ok: (r) => r === 4, expected: '4D' },
+  BATCH_NORM_3D: { ok: (r) => r === 5, expected: '5D' },
+  SYNC_BATCH_NORM: { ok: (r) => r >= 2, expected: 'at least 2D' },
+};
+
+export class BatchNorm {
+  readonly config: ModuleConfig;
+  #training = true;
+  #track: boolean;
+  #eps: number;
+  #momentum: number | null;
+  #weight: Float32Array | null;
+  #bias: Float32Array | null;
+  #runningMean: Float32Array | null;
+  #runningVar: Float32Array | null;
+  #nbt: bigint | null;
+
+  constructor(config: ModuleConfig) {
+    const c = config.numFeatures;
+    this.config = config;
+    this.#track = config.trackRunningStats;
+    this.#eps = config.eps;
+    this.#momentum = config.momentum;
+    this.#weight = config.affine ? new Float32Array(c).fill(1) : null;
+    this.#bias = config.affine ? new Float32Array(c) : null;
+    this.#runningMean = config.trackRunningStats ? new Float32Array(c) : null;
+    this.#runningVar = config.trackRunningStats ? new Float32Array(c).fill(1) : null;
+    this.#nbt = config.trackRunningStats ? 0n : null;
+  }
+
+  get training(): boolean {
+    return this.#training;
+  }
+
+  get className(): string {
+    return CLASS_NAMES[this.config.kind];
+  }
+
+  get repr(): string {
+    return moduleRepr(this.config.kind, this.config.numFeatures, this.#eps, this.#momentum, this.config.affine, this.#track);
+  }
+
+  snapshot(): ModuleSnapshot {
+    const copy = (a: Float32Array | null) => (a === null ? null : a.slice());
+    return {
+      config: this.config,
+      training: this.#training,
+      trackRunningStats: this.#track,
+      eps: this.#eps,
+      momentum: this.#momentum,
+      weight: copy(this.#weight),
+      bias: copy(this.#bias),
+      runningMean: copy(this.#runningMean),
+      runningVar: copy(this.#runningVar),
+      numBatchesTracked: this.#nbt,
+    };
+  }
+
+  /** train()/eval(), attribute assignments, then `module.<buffer> = None`, all or nothing. */
+  update(u: ModuleUpdate): void {
+    const invalid = (detail: string) => bnError('BN_ERR_INVALID_UPDATE', { detail });
+    if (u.eps !== undefined) checkEps(u.eps, invalid);
+    if (typeof u.momentum === 'number') checkMomentum(u.momentum, invalid);
+    if (u.training !== undefined) this.#training = u.training;
+    if (u.trackRunningStats !== undefined) this.#track = u.trackRunningStats;
+    if (u.eps !== undefined) this.#eps = u.eps;
+    if (u.momentum !== undefined) this.#momentum = u.momentum;
+    for (const name of u.clearBuffers ?? []) {
+      if (name === 'running_mean') this.#runningMean = null;
+      else if (name === 'running_var') this.#runningVar = null;
+      else this.#nbt = null;
+    }
+  }
+
+  /**
+   * reset_running_stats(): only while track_running_stats is true. PyTorch raises AttributeError
+   * part-way when a buffer is None; this checks first and changes nothing in that case.
+   */
+  resetRunningStats(operation = 'reset_running_stats'): void {
+    if (!this.#track) return;
+    const missing: [BufferName, string][] = [];
+    if (this.#runningMean === null) missing.push(['running_mean', 'zero_']);
+    if (this.#runningVar === null) missing.push(['running_var', 'fill_']);
+    if (this.#nbt === null) missing.push(['num_batches_tracked', 'zero_']);
+    const first = missing[0];
+    if (first) throw bnError('BN_ERR_BUFFER_IS_NONE', { operation, buffer: first[0], method: first[1] });
+    this.#runningMean!.fill(0);
+    this.#runningVar!.fill(1);
+    this.#nbt = 0n;
+  }
+
+  /** reset_parameters(): reset_running_stats(), then weight = 1 and bias = 0. */
+  resetParameters(): void {
+    this.resetRunningStats('reset_parameters');
+    if (this.config.affine) {
+      this.#weight?.fill(1);
+      this.#bias?.fill(0);
+    }
+  }
+
+  /** state_dict(): the present (not None) parameters and buffers, in PyTorch's key order. */
+  stateDict(): StateDict {
+    const s = this.snapshot();
+    const dict: StateDict = {};
+    if (s.weight) dict.weight = s.weight;
+    if (s.bias) dict.bias = s.bias;
+    if (s.runningMean) dict.running_mean = s.runningMean;
+    if (s.runningVar) dict.running_var = s.runningVar;
+    if (s.numBatchesTracked !== null) dict.num_batches_tracked = s.numBatchesTracked;
+    return dict;
+  }
+
+  /** load_state_dict(state, strict) with the version-2 rule; nothing changes when it fails. */
+  loadStateDict(state: LoadInput, version: number | null, strict: boolean): LoadResult {
+    const result = loadStateDict(
+      {
+        className: this.className,
+        trackRunningStats: this.#track,
+        local: {
+          weight: this.#weight,
+          bias: this.#bias,
+          running_mean: this.#runningMean,
+          running_var: this.#runningVar,
+          num_batches_tracked: this.#nbt,
+        },
+      },
+      state,
+      version,
+      strict,
+    );
+    const v = result.values;
+    if (v.weight) this.#weight!.set(v.weight);
+    if (v.bias) this.#bias!.set(v.bias);
+    if (v.running_mean) this.#runningMean!.set(v.running_mean);
+    if (v.running_var) this.#runningVar!.set(v.running_var);
+    if (v.num_batches_tracked !== undefined) this.#nbt = v.num_batches_tracked;
+    return result;
+  }
+
+  /**
+   * module(x) in the current mode (§4). `shape` is x's shape; x is read, never kept. The kernels
+   * run between validation and commit, so callers must not run two forwards of one module at once.
+   */
+  async forward(x: Float32Array, shape: readonly number[], kernels: Kernels): Promise<Float32Array> {
+    // 1. Rank (and, for SyncBatchNorm, zero channels): nothing has changed yet.
+    const rank = RANKS[this.config.kind];
+    if (!rank.ok(shape.length)) throw bnError('BN_ERR_INPUT_RANK', { expected: rank.expected, rank: shape.length });
+    if (this.config.kind === 'SYNC_BATCH_NORM' && shape[1] === 0) throw bnError('BN_ERR_ZERO_CHANNELS', {});
+
+    // 2. The counter moves now, before the checks that can still fail (PyTorch does the same).
+    let factor = this.#momentum ?? 0;
+    let nbt = this.#nbt;
+    if (this.#training && this.#track && nbt !== null) {
+      nbt += 1n;
+      factor = this.#momentum ?? 1 / Number(nbt);
+    }
+    const commitCounter = () => {
+      this.#nbt = nbt;
+    };
+
+    // 3–4. Which statistics, and which buffers are passed to the kernel.
+    const bnTraining = this.#training || (this.#runningMean === null && this.#runningVar === null);
+    const passBuffers = !this.#training || this.#track;
+    const rmIn = passBuffers ? this.#runningMean : null;
+    const rvIn = passBuffers ? this.#runningVar : null;
+
+    // 5. One value per channel.
+    const layout = layoutOf(shape);
+    if (bnTraining && layout.n * layout.s === 1) {
+      commitCounter();
+      throw bnError('BN_ERR_ONE_VALUE_PER_CHANNEL', { size: torchSize(shape) });
+    }
+    // 6. Empty input: an empty output at once, buffers untouched, later checks skipped.
+    if (x.length === 0) {
+      commitCounter();
+      return new Float32Array(0);
+    }
+    // 7. The kernel's size checks.
+    const channels = layout.c;
+    const sizeCheck = (name: string, tensor: Float32Array | null, needed: boolean) => {
+      if (tensor !== null) {
+        if (tensor.length !== channels) {
+          return bnError('BN_ERR_CHANNEL_MISMATCH', { tensor: name, channels, length: tensor.length });
+        }
+      } else if (needed) {
+        return bnError('BN_ERR_BUFFER_UNDEFINED', { buffer: name });
+      }
+      return null;
+    };
+    const sizeError =
+      sizeCheck('running_mean', rmIn, !bnTraining) ??
+      sizeCheck('running_var', rvIn, !bnTraining) ??
+      sizeCheck('weight', this.#weight, false) ??
+      sizeCheck('bias', this.#bias, false);
+    if (sizeError) {
+      commitCounter();
+      throw sizeError;
+    }
+
+    // 8. Statistics, then the normalisation with y = (x - mean) * invstd * w + b.
+    const eps = this.#eps;
+    let mean: Float64Array;
+    const invstd = new Float64Array(channels);
+    let newMean: Float32Array | null = null;
+    let newVar: Float32Array | null = null;
+    if (bnTraining) {
+      const stats = await kernels.stats(x, layout);
+      const count = layout.n * layout.s;
+      mean = stats.mean;
+      if (rmIn) newMean = new Float32Array(channels);
+      if (rvIn) newVar = new Float32Array(channels);
+      for (let ch = 0; ch < channels; ch++) {
+        const biased = stats.m2[ch]! / count;
+        invstd[ch] = biased === 0 && eps === 0 ? 0 : 1 / Math.sqrt(biased + eps);
+        if (newMean) newMean[ch] = factor * mean[ch]! + (1 - factor) * rmIn![ch]!;
+        if (newVar) newVar[ch] = factor * (stats.m2[ch]! / (count - 1)) + (1 - factor) * rvIn![ch]!;
+      }
+    } else {
+      mean = Float64Array.from(rmIn!);
+      for (let ch = 0; ch < channels; ch++) invstd[ch] = 1 / Math.sqrt(rvIn![ch]! + eps);
+    }
+    const scale = new Float64Array(channels);
+    const shift = new Float64Array(channels);
+    for (let ch = 0; ch < channels; ch++) {
+      scale[ch] = invstd[ch]! * (this.#weight ? this.#weight[ch]! : 1);
+      shift[ch] = this.#bias ? this.#bias[ch]! : 0;
+    }
+    const y = await kernels.normalize(x, layout, { mean, scale, shift });
+    applyNonFiniteScale(x, y, layout, mean, scale, shift);
+
+    // 9. Commit.
+    commitCounter();
+    if (newMean) this.#runningMean = newMean;
+    if (newVar) this.#runningVar = newVar;
+    return y;
+  }
+}
+
+/**
+ * PyTorch's CPU kernel computes y = x * a + b' with a = invstd * w and b' = b - mean * a. The two
+ * forms agree whenever `a` is finite; when it is not (eval with running_var + eps == 0), this
+ * redoes the affected channels PyTorch's way so that the same NaNs and infinities come out.
+ */
+function applyNonFiniteScale(
+  x: Float32Array,
+  y: Float32Array,
+  { n, c, s }: { n: number; c: number; s: number },
+  mean: Float64Array,
+  scale: Float64Array,
+  shift: Float64Array,
+): void {
+  for (let ch = 0; ch < c; ch++) {
+    const a = Math.fround(scale[ch]!);
+    if (Number.isFinite(a)) continue;
+    const b = Math.fround(shift[ch]! - Math.fround(mean[ch]!) * a);
+    for (let b0 = 0; b0 < n; b0++) {
+      const base = (b0 * c + ch) * s;
+      for (let i = 0; i < s; i++) y[base + i] = x[base + i]! * a + b;
+    }
+  }
+}
