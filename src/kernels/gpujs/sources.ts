@@ -1,0 +1,82 @@
+/**
+ * gpu.js kernel sources. They are strings, not functions, so that no TypeScript or test
+ * transpiler can rewrite the code gpu.js parses.
+ *
+ * Accuracy: float32 arithmetic over at most BLOCK elements per thread, then the partial results
+ * are added in float64 on the host. The first pass sums each channel shifted by its first element
+ * (so a large common offset does not swamp the sum); the second pass sums squared deviations from
+ * the float64 mean, split into a float32 head and tail ((x - hi) - lo) so that the mean does not
+ * lose its low bits to float32 rounding. Within a block the sum is compensated (Kahan). Shader
+ * compilers may reassociate float arithmetic (Mesa's does), which would fold the compensation
+ * away; multiplying the running sum by `one`, an argument that is 1 at run time but unknown at
+ * compile time, keeps it.
+ */
+
+/** Elements summed by one thread: the loop bound every kernel is compiled with. */
+export const BLOCK = 256;
+
+/**
+ * Index arithmetic is done in floats on the GL backends; `floor(a / b)` is corrected by one step
+ * either way so that it is exact for every index below 2^24.
+ */
+const divmod = (q: string, r: string, a: string, d: string) => `
+  let ${q} = Math.floor(${a} / ${d});
+  let ${r} = ${a} - ${q} * ${d};
+  if (${r} < 0) { ${q} = ${q} - 1; ${r} = ${r} + ${d}; }
+  if (${r} >= ${d}) { ${q} = ${q} + 1; ${r} = ${r} - ${d}; }`;
+
+/**
+ * Partial sums. Output cell t = ch * parts + p covers elements [p * block, p * block + block) of
+ * channel ch, where the channel's elements are numbered j = b * s + i across the batch.
+ */
+const partialSums = (term: string) => `function (x, c, s, count, parts, block, hi, lo, one) {
+  const t = this.thread.x;
+  ${divmod('ch', 'p', 't', 'parts')}
+  const j0 = p * block;
+  let len = count - j0;
+  if (len > block) { len = block; }
+  ${divmod('b', 'i', 'j0', 's')}
+  let base = (b * c + ch) * s;
+  const h = hi[ch];
+  const l = lo[ch];
+  let sum = 0;
+  let comp = 0;
+  for (let k = 0; k < ${BLOCK}; k++) {
+    if (k >= len) { break; }
+    const v = (x[base + i] - h) - l;
+    const yv = ${term} - comp;
+    const tv = (sum + yv) * one;
+    comp = (tv - sum) - yv;
+    sum = tv;
+    i = i + 1;
+    if (i >= s) {
+      i = 0;
+      b = b + 1;
+      base = (b * c + ch) * s;
+    }
+  }
+  return sum;
+}`;
+
+/** Sums of x - shift per block (hi = the channel's shift, lo = 0). */
+export const PARTIAL_SUM = partialSums('v');
+/** Sums of ((x - hi) - lo)^2 per block, hi + lo being the float64 mean. */
+export const PARTIAL_SQUARES = partialSums('v * v');
+
+/** y = ((x - hi) - lo) * scale + shift over a flat output; for small planes. */
+export const NORMALIZE_FLAT = `function (x, c, s, hi, lo, scale, shift) {
+  const idx = this.thread.x;
+  ${divmod('plane', 'i', 'idx', 's')}
+  ${divmod('b', 'ch', 'plane', 'c')}
+  return ((x[idx] - hi[ch]) - lo[ch]) * scale[ch] + shift[ch];
+}`;
+
+/** The same over an (N * C, S) output: one row per (sample, channel) plane; for large planes. */
+export const NORMALIZE_PLANES = `function (x, c, s, hi, lo, scale, shift) {
+  const plane = this.thread.y;
+  ${divmod('b', 'ch', 'plane', 'c')}
+  return ((x[plane * s + this.thread.x] - hi[ch]) - lo[ch]) * scale[ch] + shift[ch];
+}`;
+
+/** Planes at least this long use NORMALIZE_PLANES. */
+export const PLANE_KERNEL_MIN_S = 32;
