@@ -1,0 +1,285 @@
+/**
+ * A typed TypeScript client for normserve.v1.BatchNormService: typed arrays in, typed arrays
+ * out, bigint counters, and errors that carry the status, the normserve reason code and the
+ * PyTorch exception class.
+ */
+import {
+  credentials as grpcCredentials,
+  makeGenericClientConstructor,
+  type ChannelCredentials,
+  type ChannelOptions,
+  type Client,
+  type Metadata,
+  type ServiceError,
+} from '@grpc/grpc-js';
+import { service as healthService } from 'grpc-health-check';
+import type { BatchNormServiceClient } from '../generated/normserve/v1/BatchNormService.js';
+import type { Module__Output } from '../generated/normserve/v1/Module.js';
+import type { ModuleState, ModuleState__Output } from '../generated/normserve/v1/ModuleState.js';
+import type { Tensor__Output } from '../generated/normserve/v1/Tensor.js';
+import type { ModuleKind } from '../nn/config.js';
+import { ErrorInfo, RpcStatus, grpcObject } from '../wire/proto.js';
+import { encodeTensor } from '../wire/tensor-codec.js';
+
+export type { ModuleKind };
+
+export interface TensorData {
+  readonly shape: readonly number[];
+  readonly data: Float32Array;
+}
+
+export interface ModuleSpec {
+  kind: ModuleKind;
+  numFeatures: number;
+  eps?: number;
+  /** null is PyTorch's momentum=None (cumulative average). */
+  momentum?: number | null;
+  affine?: boolean;
+  trackRunningStats?: boolean;
+}
+
+export interface ModuleInfo {
+  name: string;
+  kind: ModuleKind;
+  numFeatures: number;
+  eps: number;
+  momentum: number | null;
+  affine: boolean;
+  /** As constructed: whether the buffers were created. */
+  builtWithRunningStats: boolean;
+  training: boolean;
+  /** The current attribute. */
+  trackRunningStats: boolean;
+  numBatchesTracked: bigint | null;
+  hasRunningMean: boolean;
+  hasRunningVar: boolean;
+  repr: string;
+}
+
+export type BufferName = 'running_mean' | 'running_var' | 'num_batches_tracked';
+
+export interface ModuleChanges {
+  training?: boolean;
+  trackRunningStats?: boolean;
+  /** null assigns momentum = None. */
+  momentum?: number | null;
+  eps?: number;
+  clearBuffers?: BufferName[];
+}
+
+/** A state_dict; an absent key is one the module does not have (None). */
+export interface StateDict {
+  weight?: Float32Array;
+  bias?: Float32Array;
+  running_mean?: Float32Array;
+  running_var?: Float32Array;
+  num_batches_tracked?: bigint;
+}
+
+export interface LoadOptions {
+  /** Default true, as in PyTorch. */
+  strict?: boolean;
+  /** The state_dict metadata version; default 2. null: a dict without metadata. */
+  version?: number | null;
+}
+
+export interface LoadResult {
+  module: ModuleInfo;
+  missingKeys: string[];
+  unexpectedKeys: string[];
+}
+
+export interface ClientOptions {
+  credentials?: ChannelCredentials;
+  channelOptions?: ChannelOptions;
+  /** Deadline for each call, in milliseconds; none by default. */
+  deadlineMs?: number;
+}
+
+/** A failed call: the gRPC status plus normserve's reason code and PyTorch's exception class. */
+export class NormserveClientError extends Error {
+  override readonly name = 'NormserveClientError';
+  /** The gRPC status code. */
+  readonly code: number;
+  /** The catalogue code (docs/errors.md), e.g. BN_ERR_INPUT_RANK; undefined for transport errors. */
+  readonly reason: string | undefined;
+  /** ValueError, RuntimeError or AttributeError where PyTorch raises for the same call. */
+  readonly pythonType: string | undefined;
+  readonly metadata: Metadata | undefined;
+
+  constructor(err: ServiceError) {
+    super(err.details || err.message);
+    this.code = err.code;
+    this.metadata = err.metadata;
+    const info = decodeErrorInfo(err.metadata);
+    this.reason = info?.reason;
+    this.pythonType = info?.pythonType;
+  }
+}
+
+function decodeErrorInfo(metadata: Metadata | undefined): { reason: string; pythonType: string | undefined } | undefined {
+  const raw = metadata?.get('grpc-status-details-bin')[0];
+  if (!(raw instanceof Buffer)) return undefined;
+  const status = RpcStatus.toObject(RpcStatus.decode(raw)) as { details?: { type_url: string; value: Uint8Array }[] };
+  const any = status.details?.find((d) => d.type_url.endsWith('/google.rpc.ErrorInfo'));
+  if (!any) return undefined;
+  const info = ErrorInfo.toObject(ErrorInfo.decode(any.value)) as { reason: string; metadata?: Record<string, string> };
+  return { reason: info.reason, pythonType: info.metadata?.python_type };
+}
+
+function tensorFromWire(t: Tensor__Output | null | undefined): TensorData {
+  if (!t || t.dtype !== 'FLOAT32') throw new Error('normserve client: expected a FLOAT32 tensor in the reply');
+  const bytes = t.data;
+  const data = new Float32Array(bytes.byteLength / 4);
+  new Uint8Array(data.buffer).set(bytes);
+  return { shape: t.shape.map(Number), data };
+}
+
+function moduleFromWire(m: Module__Output): ModuleInfo {
+  const c = m.config!;
+  return {
+    name: m.name,
+    kind: c.kind as ModuleKind,
+    numFeatures: Number(c.num_features),
+    eps: c.eps ?? 1e-5,
+    momentum: c.cumulative_average ? null : (c.momentum ?? 0.1),
+    affine: c.affine ?? true,
+    builtWithRunningStats: c.track_running_stats ?? true,
+    training: m.training,
+    trackRunningStats: m.track_running_stats,
+    numBatchesTracked: m.num_batches_tracked === undefined ? null : BigInt(m.num_batches_tracked),
+    hasRunningMean: m.has_running_mean,
+    hasRunningVar: m.has_running_var,
+    repr: m.repr,
+  };
+}
+
+function stateFromWire(s: ModuleState__Output): StateDict {
+  const out: StateDict = {};
+  for (const key of ['weight', 'bias', 'running_mean', 'running_var'] as const) {
+    const t = s[key];
+    if (t) out[key] = tensorFromWire(t).data;
+  }
+  if (s.num_batches_tracked !== undefined) out.num_batches_tracked = BigInt(s.num_batches_tracked);
+  return out;
+}
+
+const BUFFER_ENUM = { running_mean: 'RUNNING_MEAN', running_var: 'RUNNING_VAR', num_batches_tracked: 'NUM_BATCHES_TRACKED' } as const;
+
+const HealthClient = makeGenericClientConstructor(healthService as never, 'Health');
+
+export type ServingStatus = 'UNKNOWN' | 'SERVING' | 'NOT_SERVING' | 'SERVICE_UNKNOWN';
+
+export class NormserveClient {
+  readonly #stub: BatchNormServiceClient;
+  readonly #health: Client;
+  readonly #deadlineMs: number | undefined;
+
+  constructor(address: string, options: ClientOptions = {}) {
+    this.#stub = new grpcObject.normserve.v1.BatchNormService(address, options.credentials ?? grpcCredentials.createInsecure(), {
+      'grpc.max_receive_message_length': -1,
+      'grpc.max_send_message_length': -1,
+      ...options.channelOptions,
+    });
+    // The health client shares the stub's channel.
+    this.#health = new HealthClient(address, grpcCredentials.createInsecure(), { channelOverride: this.#stub.getChannel() });
+    this.#deadlineMs = options.deadlineMs;
+  }
+
+  close(): void {
+    this.#stub.close();
+  }
+
+  /** grpc.health.v1 Check: '' is the whole server, 'normserve.v1.BatchNormService' the module API. */
+  async health(service = ''): Promise<ServingStatus> {
+    const r = await this.#call<{ status: ServingStatus }>('Check', { service }, this.#health);
+    return r.status;
+  }
+
+  async createModule(name: string, spec: ModuleSpec): Promise<ModuleInfo> {
+    const config = {
+      kind: spec.kind,
+      num_features: String(spec.numFeatures),
+      ...(spec.eps === undefined ? {} : { eps: spec.eps }),
+      ...(spec.momentum === null ? { cumulative_average: true } : spec.momentum === undefined ? {} : { momentum: spec.momentum }),
+      ...(spec.affine === undefined ? {} : { affine: spec.affine }),
+      ...(spec.trackRunningStats === undefined ? {} : { track_running_stats: spec.trackRunningStats }),
+    };
+    return moduleFromWire(await this.#call<Module__Output>('CreateModule', { name, config }));
+  }
+
+  async getModule(name: string): Promise<ModuleInfo> {
+    return moduleFromWire(await this.#call<Module__Output>('GetModule', { name }));
+  }
+
+  async listModules(pageSize = 0, pageToken = ''): Promise<{ modules: ModuleInfo[]; nextPageToken: string }> {
+    const r = await this.#call<{ modules: Module__Output[]; next_page_token: string }>('ListModules', { page_size: pageSize, page_token: pageToken });
+    return { modules: r.modules.map(moduleFromWire), nextPageToken: r.next_page_token };
+  }
+
+  async deleteModule(name: string): Promise<void> {
+    await this.#call('DeleteModule', { name });
+  }
+
+  async updateModule(name: string, changes: ModuleChanges): Promise<ModuleInfo> {
+    const request = {
+      name,
+      ...(changes.training === undefined ? {} : { training: changes.training }),
+      ...(changes.trackRunningStats === undefined ? {} : { track_running_stats: changes.trackRunningStats }),
+      ...(changes.momentum === null ? { cumulative_average: true } : changes.momentum === undefined ? {} : { momentum: changes.momentum }),
+      ...(changes.eps === undefined ? {} : { eps: changes.eps }),
+      clear_buffers: (changes.clearBuffers ?? []).map((b) => BUFFER_ENUM[b]),
+    };
+    return moduleFromWire(await this.#call<Module__Output>('UpdateModule', request));
+  }
+
+  /** module.train() / module.eval(). */
+  async train(name: string, mode = true): Promise<ModuleInfo> {
+    return this.updateModule(name, { training: mode });
+  }
+
+  async eval(name: string): Promise<ModuleInfo> {
+    return this.updateModule(name, { training: false });
+  }
+
+  async resetRunningStats(name: string): Promise<ModuleInfo> {
+    return moduleFromWire(await this.#call<Module__Output>('ResetRunningStats', { name }));
+  }
+
+  async resetParameters(name: string): Promise<ModuleInfo> {
+    return moduleFromWire(await this.#call<Module__Output>('ResetParameters', { name }));
+  }
+
+  async getState(name: string): Promise<StateDict> {
+    return stateFromWire(await this.#call<ModuleState__Output>('GetState', { name }));
+  }
+
+  async loadState(name: string, state: StateDict, options: LoadOptions = {}): Promise<LoadResult> {
+    const wire: ModuleState = { version: options.version === undefined ? 2 : (options.version ?? 0) };
+    for (const key of ['weight', 'bias', 'running_mean', 'running_var'] as const) {
+      const t = state[key];
+      if (t) wire[key] = encodeTensor([t.length], t);
+    }
+    if (state.num_batches_tracked !== undefined) wire.num_batches_tracked = String(state.num_batches_tracked);
+    const r = await this.#call<{ module: Module__Output; missing_keys: string[]; unexpected_keys: string[] }>('LoadState', {
+      name,
+      state: wire,
+      strict: options.strict ?? true,
+    });
+    return { module: moduleFromWire(r.module), missingKeys: r.missing_keys, unexpectedKeys: r.unexpected_keys };
+  }
+
+  /** module(input): the output has the input's shape. */
+  async forward(name: string, input: TensorData): Promise<TensorData> {
+    const r = await this.#call<{ output: Tensor__Output }>('Forward', { name, input: encodeTensor(input.shape, input.data) });
+    return tensorFromWire(r.output);
+  }
+
+  #call<T>(method: string, request: object, stub: object = this.#stub): Promise<T> {
+    const options = this.#deadlineMs === undefined ? {} : { deadline: Date.now() + this.#deadlineMs };
+    const fn = (stub as Record<string, Function>)[method]!;
+    return new Promise<T>((resolve, reject) => {
+      fn.call(stub, request, options, (err: ServiceError | null, response: T) => (err ? reject(new NormserveClientError(err)) : resolve(response)));
+    });
+  }
+}

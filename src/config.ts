@@ -1,0 +1,120 @@
+/**
+ * Configuration: every setting, its flag, its environment variable and its default, in one table.
+ * Read once at start (flags over environment over defaults) and passed down; nothing else reads
+ * process.env. docs/configuration.md lists the same table and a test keeps them in step.
+ */
+import { parseArgs } from 'node:util';
+import { z } from 'zod';
+import { BACKEND_NAMES } from './kernels/kernels.js';
+
+const BACKEND_CHOICES = ['auto', ...BACKEND_NAMES.filter((b) => b !== 'reference'), 'reference'] as const;
+export type BackendChoice = (typeof BACKEND_CHOICES)[number];
+
+const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
+
+const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+
+/** The settings. `flag` is the long option; `env` the environment variable. */
+export const SETTINGS = {
+  host: {
+    flag: 'host',
+    env: 'NORMSERVE_HOST',
+    default: '0.0.0.0',
+    schema: z.string().min(1),
+    description: 'Address the gRPC server binds to.',
+  },
+  port: {
+    flag: 'port',
+    env: 'NORMSERVE_PORT',
+    default: 50051,
+    schema: int(0, 65535),
+    description: 'gRPC port; 0 picks a free one (the log says which).',
+  },
+  backend: {
+    flag: 'backend',
+    env: 'NORMSERVE_BACKEND',
+    default: 'auto' as BackendChoice,
+    schema: z.enum(BACKEND_CHOICES),
+    description: `Compute backend: ${BACKEND_CHOICES.join(', ')}. auto takes a hardware GPU (webgpu, then headlessgl) and otherwise webasm, then cpu.`,
+  },
+  logLevel: {
+    flag: 'log-level',
+    env: 'NORMSERVE_LOG_LEVEL',
+    default: 'info',
+    schema: z.enum(LOG_LEVELS),
+    description: `pino log level: ${LOG_LEVELS.join(', ')}. Each call logs one line at info.`,
+  },
+  maxMessageBytes: {
+    flag: 'max-message-bytes',
+    env: 'NORMSERVE_MAX_MESSAGE_BYTES',
+    default: 68_157_440,
+    schema: int(1024, 2 ** 31 - 1),
+    description: 'Largest gRPC message received or sent, in bytes (64 MiB of tensor plus 1 MiB).',
+  },
+  maxTensorElements: {
+    flag: 'max-tensor-elements',
+    env: 'NORMSERVE_MAX_TENSOR_ELEMENTS',
+    default: 16_777_216,
+    schema: int(1, 2 ** 24),
+    description: 'Most elements in one tensor (2^24; the gpu.js GL backends address elements through float32).',
+  },
+  maxModules: {
+    flag: 'max-modules',
+    env: 'NORMSERVE_MAX_MODULES',
+    default: 10_000,
+    schema: int(1, 10_000_000),
+    description: 'Most modules one server holds.',
+  },
+  shutdownGraceMs: {
+    flag: 'shutdown-grace-ms',
+    env: 'NORMSERVE_SHUTDOWN_GRACE_MS',
+    default: 10_000,
+    schema: int(0, 3_600_000),
+    description: 'On SIGTERM or SIGINT, how long calls in flight may finish before they are cancelled.',
+  },
+} as const;
+
+type Settings = typeof SETTINGS;
+export type Config = { -readonly [K in keyof Settings]: z.infer<Settings[K]['schema']> };
+
+export class ConfigError extends Error {
+  override readonly name = 'ConfigError';
+}
+
+export const HELP = [
+  'Usage: normserve [options]',
+  '',
+  ...Object.values(SETTINGS).map(
+    (s) => `  --${s.flag.padEnd(22)} ${s.description} (env ${s.env}, default ${String(s.default)})`,
+  ),
+  '  --help                   Print this and exit.',
+].join('\n');
+
+/** Reads flags and environment; throws ConfigError naming the bad setting. Returns null for --help. */
+export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv): Config | null {
+  const options = Object.fromEntries(Object.values(SETTINGS).map((s) => [s.flag, { type: 'string' as const }]));
+  let values: Record<string, string | boolean | undefined>;
+  try {
+    ({ values } = parseArgs({ args: [...argv], options: { ...options, help: { type: 'boolean' } }, strict: true }));
+  } catch (err) {
+    throw new ConfigError(`${(err as Error).message}\n\n${HELP}`);
+  }
+  if (values.help) return null;
+  const config: Record<string, unknown> = {};
+  for (const [key, s] of Object.entries(SETTINGS)) {
+    const fromFlag = values[s.flag];
+    const raw = fromFlag ?? env[s.env] ?? s.default;
+    const parsed = (s.schema as z.ZodType).safeParse(raw);
+    if (!parsed.success) {
+      const source = fromFlag !== undefined ? `--${s.flag}` : env[s.env] !== undefined ? s.env : 'default';
+      throw new ConfigError(`invalid ${source}=${String(raw)}: ${parsed.error.issues.map((i) => i.message).join('; ')}`);
+    }
+    config[key] = parsed.data;
+  }
+  return config as Config;
+}
+
+export function defaultConfig(overrides: Partial<Config> = {}): Config {
+  const config = Object.fromEntries(Object.entries(SETTINGS).map(([k, s]) => [k, s.default])) as Config;
+  return { ...config, ...overrides };
+}

@@ -1,0 +1,19 @@
+/** normserve's public surface: the client, and the pieces to embed a server. */
+export { NormserveClient, NormserveClientError } from './client/client.js';
+export type {
+  BufferName,
+  ClientOptions,
+  LoadOptions,
+  LoadResult,
+  ModuleChanges,
+  ModuleInfo,
+  ModuleKind,
+  ModuleSpec,
+  StateDict,
+  TensorData,
+} from './client/client.js';
+export { catalogue, Status, type ErrorCode } from './errors.js';
+export { defaultConfig, loadConfig, SETTINGS, type Config } from './config.js';
+export { selectKernels, startBackend, type Selection } from './kernels/select.js';
+export type { BackendName, Kernels } from './kernels/kernels.js';
+export { startServer, type RunningServer } from './server/server.js';

@@ -1,0 +1,97 @@
+/**
+ * The named modules a server holds. Operations that change a module run one at a time per module
+ * (a forward awaits its kernels between validation and commit, so two forwards must not overlap);
+ * modules do not wait for each other. Reads see the last committed state.
+ */
+import { bnError } from '../errors.js';
+import { BatchNorm } from '../nn/batch-norm.js';
+import type { ModuleConfig } from '../nn/config.js';
+
+const NAME_PATTERN = /^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,255}$/;
+
+export function checkModuleName(name: string): string {
+  if (!NAME_PATTERN.test(name)) throw bnError('BN_ERR_INVALID_NAME', { name: JSON.stringify(name.slice(0, 300)) });
+  return name;
+}
+
+interface Entry {
+  readonly module: BatchNorm;
+  /** The tail of this module's chain of serialised operations. */
+  tail: Promise<unknown>;
+}
+
+export interface Page {
+  readonly modules: { name: string; module: BatchNorm }[];
+  readonly nextPageToken: string;
+}
+
+export const DEFAULT_PAGE_SIZE = 100;
+export const MAX_PAGE_SIZE = 1000;
+
+export class ModuleRegistry {
+  readonly #entries = new Map<string, Entry>();
+
+  constructor(private readonly maxModules: number) {}
+
+  get size(): number {
+    return this.#entries.size;
+  }
+
+  create(name: string, config: ModuleConfig): BatchNorm {
+    checkModuleName(name);
+    if (this.#entries.has(name)) throw bnError('BN_ERR_MODULE_EXISTS', { name });
+    if (this.#entries.size >= this.maxModules) {
+      throw bnError('BN_ERR_TOO_MANY_MODULES', { name, count: this.#entries.size, limit: this.maxModules });
+    }
+    const module = new BatchNorm(config);
+    this.#entries.set(name, { module, tail: Promise.resolve() });
+    return module;
+  }
+
+  get(name: string): BatchNorm {
+    return this.#entry(name).module;
+  }
+
+  /** Runs `op` on the module once every earlier operation on it has finished. */
+  async exclusive<T>(name: string, op: (module: BatchNorm) => T | Promise<T>): Promise<T> {
+    const entry = this.#entry(name);
+    const run = entry.tail.then(() => {
+      // A delete queued ahead of this operation has removed the module meanwhile.
+      if (this.#entries.get(name) !== entry) throw bnError('BN_ERR_MODULE_NOT_FOUND', { name });
+      return op(entry.module);
+    });
+    entry.tail = run.catch(() => undefined);
+    return run;
+  }
+
+  /** Deletes after the module's pending operations have finished. */
+  async delete(name: string): Promise<void> {
+    await this.exclusive(name, () => {
+      this.#entries.delete(name);
+    });
+  }
+
+  list(pageSize: number, pageToken: string): Page {
+    let after = '';
+    if (pageToken !== '') {
+      after = Buffer.from(pageToken, 'base64url').toString('utf8');
+      if (!NAME_PATTERN.test(after) || Buffer.from(after, 'utf8').toString('base64url') !== pageToken) {
+        throw bnError('BN_ERR_INVALID_PAGE_TOKEN', { token: JSON.stringify(pageToken.slice(0, 300)) });
+      }
+    }
+    const size = pageSize <= 0 ? DEFAULT_PAGE_SIZE : Math.min(pageSize, MAX_PAGE_SIZE);
+    const names = [...this.#entries.keys()].filter((n) => n > after).sort();
+    const page = names.slice(0, size);
+    const last = page[page.length - 1];
+    return {
+      modules: page.map((name) => ({ name, module: this.#entries.get(name)!.module })),
+      nextPageToken: names.length > size && last !== undefined ? Buffer.from(last, 'utf8').toString('base64url') : '',
+    };
+  }
+
+  #entry(name: string): Entry {
+    const entry = this.#entries.get(checkModuleName(name));
+    if (!entry) throw bnError('BN_ERR_MODULE_NOT_FOUND', { name });
+    return entry;
+  }
+}

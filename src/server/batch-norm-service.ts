@@ -1,0 +1,104 @@
+/**
+ * normserve.v1.BatchNormService: decode the request, run the module operation, encode the reply.
+ * Handlers throw catalogue errors; `unary` turns them into statuses.
+ */
+import type { Server, ServerUnaryCall, sendUnaryData, UntypedServiceImplementation } from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import type { BatchNormServiceHandlers } from '../generated/normserve/v1/BatchNormService.js';
+import { bnError } from '../errors.js';
+import type { Kernels } from '../kernels/kernels.js';
+import type { ModuleRegistry } from '../registry/module-registry.js';
+import { configFromWire, loadInputFromWire, moduleToWire, stateToWire, updateFromWire } from '../wire/convert.js';
+import { batchNormService } from '../wire/proto.js';
+import { decodeTensor, encodeTensor } from '../wire/tensor-codec.js';
+import { toServiceError } from './status.js';
+
+export interface BatchNormServiceDeps {
+  readonly registry: ModuleRegistry;
+  readonly kernels: Kernels;
+  readonly maxTensorElements: number;
+  readonly logger: Logger;
+  /** True once shutdown has begun: new calls are refused with UNAVAILABLE. */
+  readonly draining: () => boolean;
+  /** Counts handlers running, for the drain. */
+  readonly inFlight: { count: number };
+}
+
+type Handler<Req, Res> = (request: Req, call: ServerUnaryCall<Req, Res>) => Res | Promise<Res>;
+
+export function addBatchNormService(server: Server, deps: BatchNormServiceDeps): void {
+  const { registry, kernels, maxTensorElements, logger } = deps;
+
+  function unary<Req, Res>(handler: Handler<Req, Res>) {
+    return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
+      if (deps.draining()) {
+        callback(toServiceError(bnError('BN_ERR_SHUTTING_DOWN', {}), logger));
+        return;
+      }
+      deps.inFlight.count++;
+      Promise.resolve()
+        .then(() => handler(call.request, call))
+        .then(
+          (response) => callback(null, response),
+          (err: unknown) => callback(toServiceError(err, logger)),
+        )
+        .finally(() => deps.inFlight.count--);
+    };
+  }
+
+  const handlers: BatchNormServiceHandlers = {
+    CreateModule: unary((req) => {
+      const config = configFromWire(req.config);
+      const module = registry.create(req.name, config);
+      return moduleToWire(req.name, module);
+    }),
+    GetModule: unary((req) => moduleToWire(req.name, registry.get(req.name))),
+    ListModules: unary((req) => {
+      const page = registry.list(req.page_size, req.page_token);
+      return { modules: page.modules.map(({ name, module }) => moduleToWire(name, module)), next_page_token: page.nextPageToken };
+    }),
+    DeleteModule: unary(async (req) => {
+      await registry.delete(req.name);
+      return {};
+    }),
+    UpdateModule: unary((req) => {
+      const update = updateFromWire(req);
+      return registry.exclusive(req.name, (module) => {
+        module.update(update);
+        return moduleToWire(req.name, module);
+      });
+    }),
+    ResetRunningStats: unary((req) =>
+      registry.exclusive(req.name, (module) => {
+        module.resetRunningStats();
+        return moduleToWire(req.name, module);
+      }),
+    ),
+    ResetParameters: unary((req) =>
+      registry.exclusive(req.name, (module) => {
+        module.resetParameters();
+        return moduleToWire(req.name, module);
+      }),
+    ),
+    GetState: unary((req) => stateToWire(registry.get(req.name))),
+    LoadState: unary((req) => {
+      registry.get(req.name);
+      const input = loadInputFromWire(req.state, maxTensorElements);
+      const version = req.state?.version ? req.state.version : null;
+      const strict = req.strict ?? true;
+      return registry.exclusive(req.name, (module) => {
+        const result = module.loadStateDict(input, version, strict);
+        return { module: moduleToWire(req.name, module), missing_keys: result.missingKeys, unexpected_keys: result.unexpectedKeys };
+      });
+    }),
+    Forward: unary((req) => {
+      registry.get(req.name);
+      const input = decodeTensor(req.input, { field: 'input', maxElements: maxTensorElements, accept: ['FLOAT32'] });
+      return registry.exclusive(req.name, async (module) => {
+        const output = await module.forward(input.data, input.shape, kernels);
+        return { output: encodeTensor(input.shape, output) };
+      });
+    }),
+  };
+  server.addService(batchNormService, handlers as unknown as UntypedServiceImplementation);
+}

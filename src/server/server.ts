@@ -1,0 +1,89 @@
+/**
+ * The server: grpc-js with the BatchNorm service, grpc.health.v1 and reflection, bound to the
+ * configured address; and its orderly shutdown.
+ */
+import { Server, ServerCredentials } from '@grpc/grpc-js';
+import { ReflectionService } from '@grpc/reflection';
+import { HealthImplementation } from 'grpc-health-check';
+import type { Logger } from 'pino';
+import type { Config } from '../config.js';
+import type { Kernels } from '../kernels/kernels.js';
+import { ModuleRegistry } from '../registry/module-registry.js';
+import { packageDefinition } from '../wire/proto.js';
+import { addBatchNormService } from './batch-norm-service.js';
+import { callLogInterceptor } from './call-log.js';
+
+export const BATCH_NORM_SERVICE_NAME = 'normserve.v1.BatchNormService';
+
+export interface RunningServer {
+  readonly port: number;
+  readonly registry: ModuleRegistry;
+  /** BatchNormService calls being handled now. */
+  inFlight(): number;
+  /**
+   * Health NOT_SERVING, new calls refused with UNAVAILABLE, calls in flight given `graceMs` to
+   * finish before they are cancelled, then the kernels released.
+   */
+  shutdown(graceMs: number): Promise<void>;
+}
+
+export interface ServerDeps {
+  readonly kernels: Kernels;
+  readonly logger: Logger;
+}
+
+export async function startServer(
+  config: Pick<Config, 'host' | 'port' | 'maxMessageBytes' | 'maxTensorElements' | 'maxModules'>,
+  { kernels, logger }: ServerDeps,
+): Promise<RunningServer> {
+  const server = new Server({
+    'grpc.max_receive_message_length': config.maxMessageBytes,
+    'grpc.max_send_message_length': config.maxMessageBytes,
+    interceptors: [callLogInterceptor(logger)],
+  });
+  const registry = new ModuleRegistry(config.maxModules);
+  let draining = false;
+  const inFlight = { count: 0 };
+  addBatchNormService(server, {
+    registry,
+    kernels,
+    maxTensorElements: config.maxTensorElements,
+    logger,
+    draining: () => draining,
+    inFlight,
+  });
+  const health = new HealthImplementation({ '': 'NOT_SERVING', [BATCH_NORM_SERVICE_NAME]: 'NOT_SERVING' });
+  health.addToServer(server);
+  new ReflectionService(packageDefinition).addToServer(server);
+
+  const host = config.host.includes(':') ? `[${config.host}]` : config.host;
+  const port = await new Promise<number>((resolve, reject) =>
+    server.bindAsync(`${host}:${config.port}`, ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound))),
+  );
+  health.setStatus('', 'SERVING');
+  health.setStatus(BATCH_NORM_SERVICE_NAME, 'SERVING');
+
+  let closing: Promise<void> | undefined;
+  const shutdown = (graceMs: number) => {
+    closing ??= (async () => {
+      draining = true;
+      health.setStatus('', 'NOT_SERVING');
+      health.setStatus(BATCH_NORM_SERVICE_NAME, 'NOT_SERVING');
+      await new Promise<void>((resolve) => {
+        // tryShutdown can hang on half-closed streams (grpc-node #1458, #1664): force after the grace.
+        const timer = setTimeout(() => {
+          logger.warn({ grace_ms: graceMs }, 'calls still in flight after the grace period; cancelling them');
+          server.forceShutdown();
+          resolve();
+        }, graceMs);
+        server.tryShutdown(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+      await kernels.dispose();
+    })();
+    return closing;
+  };
+  return { port, registry, inFlight: () => inFlight.count, shutdown };
+}

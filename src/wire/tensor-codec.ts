@@ -1,0 +1,88 @@
+/**
+ * Tensors on the wire: `normserve.v1.Tensor` (shape as int64 strings, dtype, raw little-endian
+ * bytes) to and from typed arrays. grpc-js hands `bytes` fields over as Buffer slices at any
+ * offset; an aligned slice is viewed in place, an unaligned one is copied once.
+ */
+import { endianness } from 'node:os';
+import type { Tensor, Tensor__Output } from '../generated/normserve/v1/Tensor.js';
+import { bnError } from '../errors.js';
+
+if (endianness() !== 'LE') throw new Error('normserve reads tensors as little-endian and needs a little-endian host');
+
+export const MAX_RANK = 64;
+
+const ELEMENT_BYTES = { FLOAT32: 4, FLOAT64: 8, FLOAT16: 2, BFLOAT16: 2 } as const;
+export type WireDType = keyof typeof ELEMENT_BYTES;
+
+export interface DecodedTensor {
+  readonly shape: number[];
+  readonly data: Float32Array;
+}
+
+export interface DecodeOptions {
+  /** Request field name, for error messages, e.g. "input". */
+  readonly field: string;
+  readonly maxElements: number;
+  /** The dtypes this call accepts; FLOAT64 is converted to float32 (as PyTorch's copy_ does). */
+  readonly accept: readonly ('FLOAT32' | 'FLOAT64')[];
+}
+
+/** Checks a tensor message and returns its float32 contents. */
+export function decodeTensor(t: Tensor__Output | null | undefined, opts: DecodeOptions): DecodedTensor {
+  const { field } = opts;
+  const invalid = (detail: string) => bnError('BN_ERR_INVALID_TENSOR', { field, detail }, field);
+  if (!t) throw invalid('the tensor is missing');
+  const dtype = t.dtype as string | number;
+  if (dtype === 'DTYPE_UNSPECIFIED') throw invalid('dtype is unset (DTYPE_UNSPECIFIED); set it to FLOAT32');
+  if (typeof dtype !== 'string' || !(dtype in ELEMENT_BYTES)) throw invalid(`unknown dtype ${String(dtype)}`);
+  if (!(opts.accept as readonly string[]).includes(dtype)) {
+    throw bnError('BN_ERR_UNSUPPORTED_DTYPE', { field, dtype, accepted: opts.accept.join(' or ') }, `${field}.dtype`);
+  }
+  if (t.shape.length > MAX_RANK) throw invalid(`rank ${t.shape.length} is over the maximum of ${MAX_RANK}`);
+
+  const shape: number[] = [];
+  let elements = 1n;
+  for (const [i, text] of t.shape.entries()) {
+    const dim = BigInt(text);
+    if (dim < 0n) throw invalid(`dimension ${i} is ${dim}; dimensions must be 0 or more`);
+    if (dim > BigInt(Number.MAX_SAFE_INTEGER)) throw invalid(`dimension ${i} is ${dim}, over 2^53 - 1`);
+    elements *= dim;
+    shape.push(Number(dim));
+  }
+  if (elements > BigInt(opts.maxElements)) {
+    throw bnError('BN_ERR_TENSOR_TOO_LARGE', { field, elements, limit: opts.maxElements }, field);
+  }
+  const count = Number(elements);
+  const width = ELEMENT_BYTES[dtype as WireDType];
+  const bytes = t.data;
+  if (bytes.length !== count * width) {
+    throw invalid(
+      `data has ${bytes.length} bytes, but shape [${shape.join(', ')}] of ${dtype} needs ${count * width} (${count} elements of ${width} bytes)`,
+    );
+  }
+  if (dtype === 'FLOAT64') {
+    const f64 = bytes.byteOffset % 8 === 0 ? new Float64Array(bytes.buffer, bytes.byteOffset, count) : copyAligned(bytes, Float64Array, count);
+    return { shape, data: Float32Array.from(f64) };
+  }
+  const data = bytes.byteOffset % 4 === 0 ? new Float32Array(bytes.buffer, bytes.byteOffset, count) : copyAligned(bytes, Float32Array, count);
+  return { shape, data };
+}
+
+function copyAligned<T extends Float32Array | Float64Array>(
+  bytes: Uint8Array,
+  Kind: { new (n: number): T },
+  count: number,
+): T {
+  const out = new Kind(count);
+  new Uint8Array(out.buffer).set(bytes);
+  return out;
+}
+
+/** A float32 tensor message over `data`'s memory (no copy). */
+export function encodeTensor(shape: readonly number[], data: Float32Array): Tensor {
+  return {
+    shape: shape.map(String),
+    dtype: 'FLOAT32',
+    data: Buffer.from(data.buffer, data.byteOffset, data.byteLength),
+  };
+}
