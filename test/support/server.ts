@@ -1,0 +1,22 @@
+/** A real normserve server on an ephemeral loopback port, for integration tests. */
+import { pino, type Logger } from 'pino';
+import { defaultConfig, type Config } from '../../src/config.js';
+import { selectKernels } from '../../src/kernels/select.js';
+import { startServer, type RunningServer } from '../../src/server/server.js';
+
+export interface TestServer {
+  readonly address: string;
+  readonly running: RunningServer;
+  stop(): Promise<void>;
+}
+
+export async function startTestServer(overrides: Partial<Config> = {}, logger: Logger = pino({ level: 'silent' })): Promise<TestServer> {
+  const config = defaultConfig({ host: '127.0.0.1', port: 0, backend: 'webasm', ...overrides });
+  const { kernels } = await selectKernels(config.backend);
+  const running = await startServer(config, { kernels, logger });
+  return {
+    address: `127.0.0.1:${running.port}`,
+    running,
+    stop: () => running.shutdown(1000),
+  };
+}

@@ -1,0 +1,60 @@
+import { describe, expect, it } from 'vitest';
+import { resolveConfig } from '../../src/nn/config.js';
+import { ModuleRegistry } from '../../src/registry/module-registry.js';
+
+const config = resolveConfig({ kind: 'BATCH_NORM_1D', numFeatures: 2n, cumulativeAverage: false });
+
+describe('ModuleRegistry', () => {
+  it('runs operations on one module one at a time, in call order', async () => {
+    const r = new ModuleRegistry(10);
+    r.create('a', config);
+    const order: string[] = [];
+    const slow = r.exclusive('a', async () => {
+      order.push('slow start');
+      await new Promise((res) => setTimeout(res, 20));
+      order.push('slow end');
+    });
+    const fast = r.exclusive('a', () => order.push('fast'));
+    await Promise.all([slow, fast]);
+    expect(order).toEqual(['slow start', 'slow end', 'fast']);
+  });
+
+  it('keeps the queue going after an operation fails', async () => {
+    const r = new ModuleRegistry(10);
+    r.create('a', config);
+    await expect(r.exclusive('a', () => Promise.reject(new Error('boom')))).rejects.toThrow('boom');
+    expect(await r.exclusive('a', () => 42)).toBe(42);
+  });
+
+  it('answers NOT_FOUND to an operation queued behind the delete of its module', async () => {
+    const r = new ModuleRegistry(10);
+    r.create('a', config);
+    const deleted = r.delete('a');
+    // Queued before the delete ran, on the same entry.
+    const late = r.exclusive('a', () => 'ran');
+    await deleted;
+    await expect(late).rejects.toMatchObject({ code: 'BN_ERR_MODULE_NOT_FOUND' });
+    r.create('a', config);
+    expect(await r.exclusive('a', () => 'fresh')).toBe('fresh');
+  });
+
+  it('pages in name order with tokens it issued and rejects others', () => {
+    const r = new ModuleRegistry(100);
+    for (const n of ['c', 'a', 'b', 'e', 'd']) r.create(n, config);
+    const p1 = r.list(2, '');
+    expect(p1.modules.map((m) => m.name)).toEqual(['a', 'b']);
+    const p2 = r.list(2, p1.nextPageToken);
+    expect(p2.modules.map((m) => m.name)).toEqual(['c', 'd']);
+    const p3 = r.list(2, p2.nextPageToken);
+    expect(p3.modules.map((m) => m.name)).toEqual(['e']);
+    expect(p3.nextPageToken).toBe('');
+    expect(r.list(0, '').modules).toHaveLength(5);
+    expect(() => r.list(2, '!!')).toThrow(/was not issued by ListModules/);
+  });
+
+  it('refuses a module past the limit', () => {
+    const r = new ModuleRegistry(1);
+    r.create('a', config);
+    expect(() => r.create('b', config)).toThrow(/max_modules=1/);
+  });
+});
