@@ -7,7 +7,7 @@ import gpujs from 'gpu.js';
 import type { IKernelRunShortcut } from 'gpu.js';
 import type { ChannelStats, Kernels, Layout, NormalizeParams } from '../kernels.js';
 import { acquireWebGPU, releaseWebGPU } from './environment.js';
-import { BLOCK, NORMALIZE_FLAT, NORMALIZE_PLANES, PARTIAL_SQUARES, PARTIAL_SUM, PLANE_KERNEL_MIN_S } from './sources.js';
+import { BLOCK, NORMALIZE_FLAT, NORMALIZE_PLANES, PARTIAL_SUMS, PLANE_KERNEL_MIN_S } from './sources.js';
 
 const { GPU } = gpujs;
 
@@ -30,6 +30,7 @@ const STATS_ARGS = {
   block: 'Integer',
   hi: 'Array',
   lo: 'Array',
+  order: 'Integer',
   one: 'Float',
 } as const;
 const NORMALIZE_ARGS = { x: 'Array', c: 'Integer', s: 'Integer', hi: 'Array', lo: 'Array', scale: 'Array', shift: 'Array' } as const;
@@ -57,8 +58,7 @@ export class GpuJsKernels implements Kernels {
   readonly backend: GpuJsMode;
   readonly description: string;
   readonly #gpu: InstanceType<typeof GPU>;
-  readonly #partialSum: IKernelRunShortcut;
-  readonly #partialSquares: IKernelRunShortcut;
+  readonly #sums: IKernelRunShortcut;
   readonly #normalizeFlat: IKernelRunShortcut;
   readonly #normalizePlanes: IKernelRunShortcut;
   /** Resizing and running a kernel must not interleave with another call's (webgpu awaits). */
@@ -71,43 +71,53 @@ export class GpuJsKernels implements Kernels {
     if (mode === 'webgpu') acquireWebGPU();
     const make = (source: string, argumentTypes: object) =>
       this.#gpu.createKernel(source, { ...SETTINGS, argumentTypes } as never) as IKernelRunShortcut;
-    this.#partialSum = make(PARTIAL_SUM, STATS_ARGS);
-    this.#partialSquares = make(PARTIAL_SQUARES, STATS_ARGS);
+    this.#sums = make(PARTIAL_SUMS, STATS_ARGS);
     this.#normalizeFlat = make(NORMALIZE_FLAT, NORMALIZE_ARGS);
     this.#normalizePlanes = make(NORMALIZE_PLANES, NORMALIZE_ARGS);
   }
 
   /** The gpu.js modes the kernels ran in (after at least one call each). */
   modes(): (string | undefined)[] {
-    return [this.#partialSum, this.#partialSquares, this.#normalizeFlat, this.#normalizePlanes].map(kernelMode);
+    return [this.#sums, this.#normalizeFlat, this.#normalizePlanes].map(kernelMode);
   }
 
   async stats(x: Float32Array, { n, c, s }: Layout): Promise<ChannelStats> {
     const count = n * s;
     const block = Math.min(BLOCK, count);
     const parts = Math.ceil(count / block);
-    const shift = new Float32Array(c);
-    for (let ch = 0; ch < c; ch++) shift[ch] = x[ch * s]!;
-    const zeros = new Float32Array(c);
-    const sums = flatten(await this.#run(this.#partialSum, [c * parts], [x, c, s, count, parts, block, shift, zeros, 1]), c * parts);
+    const cells = c * parts;
+    const total = (out: Float32Array, ch: number, compensated: boolean) => {
+      let sum = 0;
+      for (let p = ch * parts; p < (ch + 1) * parts; p++) sum += compensated ? out[p]! - out[cells + p]! : out[p]!;
+      return sum;
+    };
 
-    const mean = new Float64Array(c);
+    // First pass: block sums of x shifted by the channel's first element (so that a large common
+    // offset cancels exactly), with their compensations, give the mean.
     const hi = new Float32Array(c);
     const lo = new Float32Array(c);
+    for (let ch = 0; ch < c; ch++) hi[ch] = coarse(x[ch * s]!);
+    const sums = flatten(await this.#run(this.#sums, [2 * cells], [x, c, s, count, parts, block, hi, lo, 1, 1]), 2 * cells);
+    const mean = new Float64Array(c);
     for (let ch = 0; ch < c; ch++) {
-      let total = 0;
-      for (let p = 0; p < parts; p++) total += sums[ch * parts + p]!;
-      const mu = shift[ch]! + total / count;
-      mean[ch] = mu;
-      hi[ch] = mu;
-      lo[ch] = mu - hi[ch]!;
+      mean[ch] = hi[ch]! + total(sums, ch, true) / count;
+      hi[ch] = mean[ch]!;
+      lo[ch] = mean[ch]! - hi[ch]!;
     }
-    const squares = flatten(await this.#run(this.#partialSquares, [c * parts], [x, c, s, count, parts, block, hi, lo, 1]), c * parts);
+    // Second pass: squared deviations from it.
+    const squares = flatten(await this.#run(this.#sums, [cells], [x, c, s, count, parts, block, hi, lo, 2, 1]), cells);
     const m2 = new Float64Array(c);
-    for (let ch = 0; ch < c; ch++) {
-      let total = 0;
-      for (let p = 0; p < parts; p++) total += squares[ch * parts + p]!;
-      m2[ch] = total;
+    for (let ch = 0; ch < c; ch++) m2[ch] = total(squares, ch, false);
+    if (this.backend === 'cpu') {
+      // gpu.js's cpu kernels add in float64 and round only their results to float32, which the
+      // compensation cannot see. Their deviations from the mean are exact, though: one more pass
+      // sums them and corrects mean and m2 (the corrected two-pass algorithm).
+      const deviations = flatten(await this.#run(this.#sums, [cells], [x, c, s, count, parts, block, hi, lo, 1, 1]), cells);
+      for (let ch = 0; ch < c; ch++) {
+        const d = total(deviations, ch, false);
+        mean[ch] = mean[ch]! + d / count;
+        m2[ch] = Math.max(0, m2[ch]! - (d * d) / count);
+      }
     }
     return { mean, m2 };
   }
@@ -138,6 +148,17 @@ export class GpuJsKernels implements Kernels {
     this.#tail = run.catch(() => undefined);
     return run;
   }
+}
+
+/**
+ * v rounded to 8 significant bits. Subtracting a float32 constant from float32 values drops the
+ * constant's low bits the same way for every value of one binade, a bias that does not average
+ * out; with a coarse constant, x - shift is exact for every x within 2^16 times of it.
+ */
+export function coarse(v: number): number {
+  if (v === 0 || !Number.isFinite(v)) return 0;
+  const step = 2 ** (Math.floor(Math.log2(Math.abs(v))) - 7);
+  return Math.round(v / step) * step;
 }
 
 /**

@@ -2,14 +2,15 @@
  * gpu.js kernel sources. They are strings, not functions, so that no TypeScript or test
  * transpiler can rewrite the code gpu.js parses.
  *
- * Accuracy: float32 arithmetic over at most BLOCK elements per thread, then the partial results
- * are added in float64 on the host. The first pass sums each channel shifted by its first element
- * (so a large common offset does not swamp the sum); the second pass sums squared deviations from
- * the float64 mean, split into a float32 head and tail ((x - hi) - lo) so that the mean does not
- * lose its low bits to float32 rounding. Within a block the sum is compensated (Kahan). Shader
- * compilers may reassociate float arithmetic (Mesa's does), which would fold the compensation
- * away; multiplying the running sum by `one`, an argument that is 1 at run time but unknown at
- * compile time, keeps it.
+ * Accuracy: float32 arithmetic over at most BLOCK elements per thread, compensated (Kahan), then
+ * the partial results are added in float64 on the host. The first pass sums each channel shifted
+ * by its first element (rounded to 8 bits), so that a large common offset cancels exactly, and
+ * returns each block's
+ * sum with its compensation, so the mean is as good as a float64 sum. The second pass sums squared
+ * deviations from that mean, split into a float32 head and tail ((x - hi) - lo) so that a large
+ * common offset cancels exactly. Shader compilers may reassociate float arithmetic (Mesa's does),
+ * which would fold the compensation away; multiplying the running sum by `one`, an argument that
+ * is 1 at run time but unknown at compile time, keeps it.
  */
 
 /** Elements summed by one thread: the loop bound every kernel is compiled with. */
@@ -26,11 +27,19 @@ const divmod = (q: string, r: string, a: string, d: string) => `
   if (${r} >= ${d}) { ${q} = ${q} + 1; ${r} = ${r} - ${d}; }`;
 
 /**
- * Partial sums. Output cell t = ch * parts + p covers elements [p * block, p * block + block) of
- * channel ch, where the channel's elements are numbered j = b * s + i across the batch.
+ * Compensated (Kahan) partial sums of d = (x - hi) - lo, or of d * d when order is 2, per block of
+ * a channel. Output cell t = ch * parts + p covers elements [p * block, p * block + block) of
+ * channel ch, where the channel's elements are numbered j = b * s + i across the batch. With an
+ * output of 2 * c * parts cells, cell c * parts + t holds the compensation of cell t, so that
+ * sum - compensation, added in float64, keeps the bits a float32 result would drop.
  */
-const partialSums = (term: string) => `function (x, c, s, count, parts, block, hi, lo, one) {
-  const t = this.thread.x;
+export const PARTIAL_SUMS = `function (x, c, s, count, parts, block, hi, lo, order, one) {
+  let t = this.thread.x;
+  let compensation = 0;
+  if (t >= c * parts) {
+    t = t - c * parts;
+    compensation = 1;
+  }
   ${divmod('ch', 'p', 't', 'parts')}
   const j0 = p * block;
   let len = count - j0;
@@ -44,7 +53,9 @@ const partialSums = (term: string) => `function (x, c, s, count, parts, block, h
   for (let k = 0; k < ${BLOCK}; k++) {
     if (k >= len) { break; }
     const v = (x[base + i] - h) - l;
-    const yv = ${term} - comp;
+    let term = v;
+    if (order == 2) { term = v * v; }
+    const yv = term - comp;
     const tv = (sum + yv) * one;
     comp = (tv - sum) - yv;
     sum = tv;
@@ -55,13 +66,9 @@ const partialSums = (term: string) => `function (x, c, s, count, parts, block, h
       base = (b * c + ch) * s;
     }
   }
+  if (compensation == 1) { return comp; }
   return sum;
 }`;
-
-/** Sums of x - shift per block (hi = the channel's shift, lo = 0). */
-export const PARTIAL_SUM = partialSums('v');
-/** Sums of ((x - hi) - lo)^2 per block, hi + lo being the float64 mean. */
-export const PARTIAL_SQUARES = partialSums('v * v');
 
 /** y = ((x - hi) - lo) * scale + shift over a flat output; for small planes. */
 export const NORMALIZE_FLAT = `function (x, c, s, hi, lo, scale, shift) {
