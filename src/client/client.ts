@@ -18,10 +18,12 @@ import type { Module__Output } from '../generated/normserve/v1/Module.js';
 import type { ModuleState, ModuleState__Output } from '../generated/normserve/v1/ModuleState.js';
 import type { Tensor__Output } from '../generated/normserve/v1/Tensor.js';
 import type { ModuleKind } from '../nn/config.js';
+import type { StateDict } from '../nn/state-dict.js';
 import { ErrorInfo, RpcStatus, grpcObject } from '../wire/proto.js';
 import { encodeTensor } from '../wire/tensor-codec.js';
 
-export type { ModuleKind };
+/** A state_dict; an absent key is one the module does not have (None). */
+export type { ModuleKind, StateDict };
 
 export interface TensorData {
   readonly shape: readonly number[];
@@ -65,15 +67,6 @@ export interface ModuleChanges {
   momentum?: number | null;
   eps?: number;
   clearBuffers?: BufferName[];
-}
-
-/** A state_dict; an absent key is one the module does not have (None). */
-export interface StateDict {
-  weight?: Float32Array;
-  bias?: Float32Array;
-  running_mean?: Float32Array;
-  running_var?: Float32Array;
-  num_batches_tracked?: bigint;
 }
 
 export interface LoadOptions {
