@@ -7,6 +7,6 @@ export default defineConfig({
     hookTimeout: 120_000,
     // Each file starts its own servers and backends; two cores, so two files at a time.
     maxWorkers: 2,
-    reporters: ['default'],
+    reporters: ['default', './test/support/summary-reporter.ts'],
   },
 });
