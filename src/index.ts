@@ -9,6 +9,7 @@ export type {
   ModuleInfo,
   ModuleKind,
   ModuleSpec,
+  ServingStatus,
   StateDict,
   TensorData,
 } from './client/client.js';

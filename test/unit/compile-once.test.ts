@@ -8,13 +8,16 @@ import type { Kernels } from '../../src/kernels/kernels.js';
 import { startBackend } from '../../src/kernels/select.js';
 import { channelData } from '../support/data.js';
 
+type ModuleConstructor = new (...args: unknown[]) => unknown;
+const wasm = (globalThis as unknown as { WebAssembly: { Module: ModuleConstructor } }).WebAssembly;
+
 describe('webasm kernels', () => {
   let kernels: Kernels;
-  const Original = WebAssembly.Module;
+  const Original = wasm.Module;
   let compiled = 0;
   beforeAll(async () => {
     kernels = await startBackend('webasm');
-    WebAssembly.Module = new Proxy(Original, {
+    wasm.Module = new Proxy(Original, {
       construct(target, args, newTarget) {
         compiled++;
         return Reflect.construct(target, args, newTarget);
@@ -22,7 +25,7 @@ describe('webasm kernels', () => {
     });
   });
   afterAll(async () => {
-    WebAssembly.Module = Original;
+    wasm.Module = Original;
     await kernels?.dispose();
   });
 
