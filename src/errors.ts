@@ -92,6 +92,18 @@ export const catalogue = {
     pythonType: 'RuntimeError',
   },
 
+  // Backward (§6)
+  BN_ERR_GRAD_SHAPE: {
+    status: Status.INVALID_ARGUMENT,
+    template: 'Mismatch in shape: grad_output[0] has a shape of {given} and output[0] has a shape of {expected}.',
+    pythonType: 'RuntimeError',
+  },
+  BN_ERR_CONTEXT_NOT_FOUND: { status: Status.NOT_FOUND, template: 'context {id}: {why}' },
+  BN_ERR_CONTEXT_TOO_LARGE: {
+    status: Status.RESOURCE_EXHAUSTED,
+    template: 'saving {bytes} bytes for backward is over the limit context_budget_bytes={limit}; call Forward without save_for_backward or raise the limit',
+  },
+
   // PyTorch's state errors (§2.3, §9)
   BN_ERR_BUFFER_IS_NONE: {
     status: Status.FAILED_PRECONDITION,

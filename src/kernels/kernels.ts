@@ -29,6 +29,22 @@ export interface NormalizeParams {
   readonly shift: Float64Array;
 }
 
+/** Per channel: the sums backward reduces, about the mean the forward used. */
+export interface GradSums {
+  /** Σ dy */
+  readonly sumDy: Float64Array;
+  /** Σ dy · (x − mean) */
+  readonly sumDyXmu: Float64Array;
+}
+
+/** Per channel: grad_input = dy · a + (x − mean) · b + k. */
+export interface GradInputParams {
+  readonly mean: Float64Array;
+  readonly a: Float64Array;
+  readonly b: Float64Array;
+  readonly k: Float64Array;
+}
+
 export interface Kernels {
   readonly backend: BackendName;
   /** A line for logs: what runs underneath (adapter, renderer, executor). */
@@ -37,6 +53,10 @@ export interface Kernels {
   stats(x: Float32Array, layout: Layout): Promise<ChannelStats>;
   /** The normalised tensor, in a new array of x's length. */
   normalize(x: Float32Array, layout: Layout, params: NormalizeParams): Promise<Float32Array>;
+  /** Backward's per-channel reductions of dy (same layout as x). */
+  gradSums(x: Float32Array, dy: Float32Array, layout: Layout, mean: Float64Array): Promise<GradSums>;
+  /** The input gradient, in a new array of x's length. */
+  gradInput(x: Float32Array, dy: Float32Array, layout: Layout, params: GradInputParams): Promise<Float32Array>;
   /** Releases compiled kernels and device resources. */
   dispose(): Promise<void>;
 }

@@ -3,7 +3,7 @@
  * float32 at the end. It is the oracle that every other backend is tested against, and it can
  * serve (`--backend reference`).
  */
-import type { ChannelStats, Kernels, Layout, NormalizeParams } from './kernels.js';
+import type { ChannelStats, GradInputParams, GradSums, Kernels, Layout, NormalizeParams } from './kernels.js';
 
 export function referenceStats(x: Float32Array, { n, c, s }: Layout): ChannelStats {
   const mean = new Float64Array(c);
@@ -44,12 +44,50 @@ export function referenceNormalize(x: Float32Array, { n, c, s }: Layout, p: Norm
   return y;
 }
 
+export function referenceGradSums(x: Float32Array, dy: Float32Array, { n, c, s }: Layout, mean: Float64Array): GradSums {
+  const sumDy = new Float64Array(c);
+  const sumDyXmu = new Float64Array(c);
+  for (let ch = 0; ch < c; ch++) {
+    const mu = mean[ch]!;
+    let s1 = 0;
+    let s2 = 0;
+    for (let b = 0; b < n; b++) {
+      const base = (b * c + ch) * s;
+      for (let i = 0; i < s; i++) {
+        const g = dy[base + i]!;
+        s1 += g;
+        s2 += g * (x[base + i]! - mu);
+      }
+    }
+    sumDy[ch] = s1;
+    sumDyXmu[ch] = s2;
+  }
+  return { sumDy, sumDyXmu };
+}
+
+export function referenceGradInput(x: Float32Array, dy: Float32Array, { n, c, s }: Layout, p: GradInputParams): Float32Array {
+  const gi = new Float32Array(x.length);
+  for (let b = 0; b < n; b++) {
+    for (let ch = 0; ch < c; ch++) {
+      const mu = p.mean[ch]!;
+      const a = p.a[ch]!;
+      const bb = p.b[ch]!;
+      const k = p.k[ch]!;
+      const base = (b * c + ch) * s;
+      for (let i = 0; i < s; i++) gi[base + i] = dy[base + i]! * a + (x[base + i]! - mu) * bb + k;
+    }
+  }
+  return gi;
+}
+
 export function createReferenceKernels(): Kernels {
   return {
     backend: 'reference',
     description: 'float64 TypeScript loops (the test oracle)',
     stats: async (x, layout) => referenceStats(x, layout),
     normalize: async (x, layout, params) => referenceNormalize(x, layout, params),
+    gradSums: async (x, dy, layout, mean) => referenceGradSums(x, dy, layout, mean),
+    gradInput: async (x, dy, layout, params) => referenceGradInput(x, dy, layout, params),
     dispose: async () => {},
   };
 }

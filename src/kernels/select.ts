@@ -11,7 +11,7 @@ import type { BackendChoice } from '../config.js';
 import { GpuJsKernels, type GpuJsMode } from './gpujs/gpujs-kernels.js';
 import { probeHeadlessGL, probeWebGPU, type Probe } from './gpujs/environment.js';
 import type { BackendName, Kernels } from './kernels.js';
-import { createReferenceKernels, referenceNormalize, referenceStats } from './reference.js';
+import { createReferenceKernels, referenceGradInput, referenceGradSums, referenceNormalize, referenceStats } from './reference.js';
 
 export interface Attempt {
   readonly backend: BackendName;
@@ -79,7 +79,7 @@ export async function selectKernels(choice: BackendChoice): Promise<Selection> {
 }
 
 /**
- * Runs statistics and normalisation on a small tensor with a large offset, compares them with
+ * Runs every kernel on a small tensor with a large offset, compares the results with
  * the reference, and checks that gpu.js really ran in the mode asked for (it can fall back to
  * its cpu kernels without failing).
  */
@@ -101,6 +101,18 @@ async function selfTest(kernels: GpuJsKernels): Promise<void> {
   }
   const worst = Math.max(...y.map((v, i) => Math.abs(v - yRef[i]!)), ...yFlat.map((v, i) => Math.abs(v - yFlatRef[i]!)));
   if (!(worst <= 1e-5)) throw new Error(`self-test: normalised values are off by ${worst}`);
+  const dy = y.map((v, i) => v * ((i % 7) - 3));
+  const sums = await kernels.gradSums(x, dy, layout, ref.mean);
+  const sumsRef = referenceGradSums(x, dy, layout, ref.mean);
+  const gradParams = { mean: ref.mean, a: Float64Array.of(0.5, 2), b: Float64Array.of(-0.25, 0.125), k: Float64Array.of(1, -1) };
+  const gi = await kernels.gradInput(x, dy, layout, gradParams);
+  const giRef = referenceGradInput(x, dy, layout, gradParams);
+  for (let ch = 0; ch < layout.c; ch++) {
+    const off = Math.abs(sums.sumDy[ch]! - sumsRef.sumDy[ch]!) + Math.abs(sums.sumDyXmu[ch]! - sumsRef.sumDyXmu[ch]!);
+    if (!(off <= 1e-3)) throw new Error(`self-test: backward sums of channel ${ch} are off by ${off}`);
+  }
+  const worstGrad = Math.max(...gi.map((v, i) => Math.abs(v - giRef[i]!)));
+  if (!(worstGrad <= 1e-4)) throw new Error(`self-test: input gradients are off by ${worstGrad}`);
   const modes = kernels.modes();
   if (modes.some((m) => m !== kernels.backend)) {
     throw new Error(`gpu.js ran its kernels as ${modes.join(', ')} instead of ${kernels.backend}`);

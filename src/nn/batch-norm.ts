@@ -38,6 +38,35 @@ export interface ModuleUpdate {
   clearBuffers?: readonly BufferName[] | undefined;
 }
 
+/**
+ * What backward needs from a forward, as autograd would save it: the input, the statistics that
+ * normalised it (batch or running) and the weight.
+ */
+export interface SavedForward {
+  readonly shape: readonly number[];
+  readonly x: Float32Array;
+  readonly mean: Float64Array;
+  readonly invstd: Float64Array;
+  /** null when the module is not affine: then there are no parameter gradients. */
+  readonly weight: Float32Array | null;
+  /** The number of values per channel the statistics came from (n for batch statistics). */
+  readonly count: number;
+  /** Whether the statistics were the batch's own (their gradient flows back into the input). */
+  readonly batchStats: boolean;
+}
+
+export interface ForwardResult {
+  readonly output: Float32Array;
+  /** Present when the forward was asked to save for backward. */
+  readonly saved: SavedForward | null;
+}
+
+export interface Gradients {
+  readonly gradInput: Float32Array;
+  readonly gradWeight: Float32Array | null;
+  readonly gradBias: Float32Array | null;
+}
+
 /** PyTorch's repr of a shape, as it appears in error texts: `torch.Size([1, 3])`. */
 export function torchSize(shape: readonly number[]): string {
   return `torch.Size([${shape.join(', ')}])`;
@@ -188,7 +217,7 @@ export class BatchNorm {
    * module(x) in the current mode (§4). `shape` is x's shape; x is read, never kept. The kernels
    * run between validation and commit, so callers must not run two forwards of one module at once.
    */
-  async forward(x: Float32Array, shape: readonly number[], kernels: Kernels): Promise<Float32Array> {
+  async forward(x: Float32Array, shape: readonly number[], kernels: Kernels, save = false): Promise<ForwardResult> {
     // 1. Rank (and, for SyncBatchNorm, zero channels): nothing has changed yet.
     const rank = RANKS[this.config.kind];
     if (!rank.ok(shape.length)) throw bnError('BN_ERR_INPUT_RANK', { expected: rank.expected, rank: shape.length });
@@ -220,7 +249,9 @@ export class BatchNorm {
     // 6. Empty input: an empty output at once, buffers untouched, later checks skipped.
     if (x.length === 0) {
       commitCounter();
-      return new Float32Array(0);
+      const empty = new Float64Array(layout.c);
+      const saved = save ? { shape: [...shape], x, mean: empty, invstd: empty, weight: this.#weight?.slice() ?? null, count: 0, batchStats: bnTraining } : null;
+      return { output: new Float32Array(0), saved };
     }
     // 7. The kernel's size checks.
     const channels = layout.c;
@@ -275,11 +306,23 @@ export class BatchNorm {
     const y = await kernels.normalize(x, layout, { mean, scale, shift });
     applyNonFiniteScale(x, y, layout, mean, scale, shift);
 
+    const saved: SavedForward | null = save
+      ? {
+          shape: [...shape],
+          x: x.slice(),
+          mean,
+          invstd,
+          weight: this.#weight?.slice() ?? null,
+          count: layout.n * layout.s,
+          batchStats: bnTraining,
+        }
+      : null;
+
     // 9. Commit.
     commitCounter();
     if (newMean) this.#runningMean = newMean;
     if (newVar) this.#runningVar = newVar;
-    return y;
+    return { output: y, saved };
   }
 }
 
@@ -305,4 +348,54 @@ function applyNonFiniteScale(
       for (let i = 0; i < s; i++) y[base + i] = x[base + i]! * a + b;
     }
   }
+}
+
+/**
+ * The gradients of a saved forward (batchnorm-semantics.md §6). With batch statistics the
+ * gradient also flows through the mean and variance:
+ *   grad_input = w · invstd · (dy − S1/n − (x − μ) · invstd² · S2/n)
+ * with running statistics it does not: grad_input = dy · w · invstd. In both,
+ * grad_weight = S2 · invstd and grad_bias = S1, where S1 = Σ dy and S2 = Σ dy · (x − μ).
+ * `sums` overrides S1, S2 and n with a group's totals (SyncBatchNorm).
+ */
+export async function backward(
+  saved: SavedForward,
+  dy: Float32Array,
+  dyShape: readonly number[],
+  kernels: Kernels,
+  group?: { sumDy: Float64Array; sumDyXmu: Float64Array; count: number },
+): Promise<Gradients & { local: { sumDy: Float64Array; sumDyXmu: Float64Array } }> {
+  if (dyShape.length !== saved.shape.length || dyShape.some((d, i) => d !== saved.shape[i])) {
+    throw bnError('BN_ERR_GRAD_SHAPE', { given: torchSize(dyShape), expected: torchSize(saved.shape) });
+  }
+  const layout = layoutOf(saved.shape);
+  const channels = layout.c;
+  const w = saved.weight;
+  const parameterGrads = (values: Float64Array) => (w === null ? null : Float32Array.from(values));
+  if (saved.x.length === 0) {
+    const zeros = new Float64Array(channels);
+    return { gradInput: new Float32Array(0), gradWeight: parameterGrads(zeros), gradBias: parameterGrads(zeros), local: { sumDy: zeros, sumDyXmu: zeros } };
+  }
+  const local = await kernels.gradSums(saved.x, dy, layout, saved.mean);
+  const s1 = group?.sumDy ?? local.sumDy;
+  const s2 = group?.sumDyXmu ?? local.sumDyXmu;
+  const n = group?.count ?? saved.count;
+  const a = new Float64Array(channels);
+  const b = new Float64Array(channels);
+  const k = new Float64Array(channels);
+  for (let ch = 0; ch < channels; ch++) {
+    const invstd = saved.invstd[ch]!;
+    a[ch] = (w ? w[ch]! : 1) * invstd;
+    if (saved.batchStats) {
+      b[ch] = (-a[ch]! * invstd * invstd * s2[ch]!) / n;
+      k[ch] = (-a[ch]! * s1[ch]!) / n;
+    }
+  }
+  const gradInput = await kernels.gradInput(saved.x, dy, layout, { mean: saved.mean, a, b, k });
+  return {
+    gradInput,
+    gradWeight: parameterGrads(local.sumDyXmu.map((v, ch) => v * saved.invstd[ch]!)),
+    gradBias: parameterGrads(local.sumDy),
+    local,
+  };
 }

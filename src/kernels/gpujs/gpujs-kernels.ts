@@ -5,9 +5,9 @@
  */
 import gpujs from 'gpu.js';
 import type { IKernelRunShortcut } from 'gpu.js';
-import type { ChannelStats, Kernels, Layout, NormalizeParams } from '../kernels.js';
+import type { ChannelStats, GradInputParams, GradSums, Kernels, Layout, NormalizeParams } from '../kernels.js';
 import { acquireWebGPU, releaseWebGPU } from './environment.js';
-import { BLOCK, NORMALIZE_FLAT, NORMALIZE_PLANES, PARTIAL_SUMS, PLANE_KERNEL_MIN_S } from './sources.js';
+import { BLOCK, GRAD_INPUT, GRAD_SUMS, NORMALIZE, PARTIAL_SUMS, PLANE_KERNEL_MIN_S } from './sources.js';
 
 const { GPU } = gpujs;
 
@@ -33,7 +33,26 @@ const STATS_ARGS = {
   order: 'Integer',
   one: 'Float',
 } as const;
+const GRAD_SUMS_ARGS = {
+  x: 'Array',
+  dy: 'Array',
+  c: 'Integer',
+  s: 'Integer',
+  count: 'Integer',
+  parts: 'Integer',
+  block: 'Integer',
+  hi: 'Array',
+  lo: 'Array',
+  one: 'Float',
+} as const;
 const NORMALIZE_ARGS = { x: 'Array', c: 'Integer', s: 'Integer', hi: 'Array', lo: 'Array', scale: 'Array', shift: 'Array' } as const;
+const GRAD_INPUT_ARGS = { x: 'Array', dy: 'Array', c: 'Integer', s: 'Integer', hi: 'Array', lo: 'Array', a: 'Array', bb: 'Array', k: 'Array' } as const;
+
+/** An elementwise kernel in its two forms (see sources.ts). */
+interface Elementwise {
+  readonly flat: IKernelRunShortcut;
+  readonly planes: IKernelRunShortcut;
+}
 
 type Output = Float32Array | Float32Array[];
 
@@ -59,8 +78,9 @@ export class GpuJsKernels implements Kernels {
   readonly description: string;
   readonly #gpu: InstanceType<typeof GPU>;
   readonly #sums: IKernelRunShortcut;
-  readonly #normalizeFlat: IKernelRunShortcut;
-  readonly #normalizePlanes: IKernelRunShortcut;
+  readonly #gradSums: IKernelRunShortcut;
+  readonly #normalize: Elementwise;
+  readonly #gradInput: Elementwise;
   /** Resizing and running a kernel must not interleave with another call's (webgpu awaits). */
   #tail: Promise<unknown> = Promise.resolve();
 
@@ -72,13 +92,15 @@ export class GpuJsKernels implements Kernels {
     const make = (source: string, argumentTypes: object) =>
       this.#gpu.createKernel(source, { ...SETTINGS, argumentTypes } as never) as IKernelRunShortcut;
     this.#sums = make(PARTIAL_SUMS, STATS_ARGS);
-    this.#normalizeFlat = make(NORMALIZE_FLAT, NORMALIZE_ARGS);
-    this.#normalizePlanes = make(NORMALIZE_PLANES, NORMALIZE_ARGS);
+    this.#gradSums = make(GRAD_SUMS, GRAD_SUMS_ARGS);
+    this.#normalize = { flat: make(NORMALIZE.flat, NORMALIZE_ARGS), planes: make(NORMALIZE.planes, NORMALIZE_ARGS) };
+    this.#gradInput = { flat: make(GRAD_INPUT.flat, GRAD_INPUT_ARGS), planes: make(GRAD_INPUT.planes, GRAD_INPUT_ARGS) };
   }
 
   /** The gpu.js modes the kernels ran in (after at least one call each). */
   modes(): (string | undefined)[] {
-    return [this.#sums, this.#normalizeFlat, this.#normalizePlanes].map(kernelMode);
+    const all = [this.#sums, this.#gradSums, this.#normalize.flat, this.#normalize.planes, this.#gradInput.flat, this.#gradInput.planes];
+    return all.map(kernelMode);
   }
 
   async stats(x: Float32Array, { n, c, s }: Layout): Promise<ChannelStats> {
@@ -122,16 +144,42 @@ export class GpuJsKernels implements Kernels {
     return { mean, m2 };
   }
 
-  async normalize(x: Float32Array, { n, c, s }: Layout, p: NormalizeParams): Promise<Float32Array> {
-    const hi = Float32Array.from(p.mean);
-    const lo = new Float32Array(c);
-    for (let ch = 0; ch < c; ch++) lo[ch] = p.mean[ch]! - hi[ch]!;
-    const args = [x, c, s, hi, lo, Float32Array.from(p.scale), Float32Array.from(p.shift)];
-    const out =
-      s >= PLANE_KERNEL_MIN_S
-        ? await this.#run(this.#normalizePlanes, [s, n * c], args)
-        : await this.#run(this.#normalizeFlat, [x.length], args);
-    return flatten(out, x.length);
+  async normalize(x: Float32Array, layout: Layout, p: NormalizeParams): Promise<Float32Array> {
+    const [hi, lo] = split(p.mean);
+    return this.#elementwise(this.#normalize, x.length, layout, [x, layout.c, layout.s, hi, lo, Float32Array.from(p.scale), Float32Array.from(p.shift)]);
+  }
+
+  async gradSums(x: Float32Array, dy: Float32Array, { n, c, s }: Layout, mean: Float64Array): Promise<GradSums> {
+    const count = n * s;
+    const block = Math.min(BLOCK, count);
+    const parts = Math.ceil(count / block);
+    const cells = c * parts;
+    const [hi, lo] = split(mean);
+    const out = flatten(await this.#run(this.#gradSums, [2 * cells], [x, dy, c, s, count, parts, block, hi, lo, 1]), 2 * cells);
+    const sumDy = new Float64Array(c);
+    const sumDyXmu = new Float64Array(c);
+    for (let ch = 0; ch < c; ch++) {
+      let s1 = 0;
+      let s2 = 0;
+      for (let p = ch * parts; p < (ch + 1) * parts; p++) {
+        s1 += out[p]!;
+        s2 += out[cells + p]!;
+      }
+      sumDy[ch] = s1;
+      sumDyXmu[ch] = s2;
+    }
+    return { sumDy, sumDyXmu };
+  }
+
+  async gradInput(x: Float32Array, dy: Float32Array, layout: Layout, p: GradInputParams): Promise<Float32Array> {
+    const [hi, lo] = split(p.mean);
+    const f32 = (v: Float64Array) => Float32Array.from(v);
+    return this.#elementwise(this.#gradInput, x.length, layout, [x, dy, layout.c, layout.s, hi, lo, f32(p.a), f32(p.b), f32(p.k)]);
+  }
+
+  async #elementwise(kernel: Elementwise, length: number, { n, c, s }: Layout, args: unknown[]): Promise<Float32Array> {
+    const out = s >= PLANE_KERNEL_MIN_S ? await this.#run(kernel.planes, [s, n * c], args) : await this.#run(kernel.flat, [length], args);
+    return flatten(out, length);
   }
 
   async dispose(): Promise<void> {
@@ -148,6 +196,14 @@ export class GpuJsKernels implements Kernels {
     this.#tail = run.catch(() => undefined);
     return run;
   }
+}
+
+/** A float64 vector as float32 head and tail: head + tail is v to about 48 bits. */
+function split(v: Float64Array): [Float32Array, Float32Array] {
+  const hi = Float32Array.from(v);
+  const lo = new Float32Array(v.length);
+  for (let i = 0; i < v.length; i++) lo[i] = v[i]! - hi[i]!;
+  return [hi, lo];
 }
 
 /**

@@ -27,18 +27,18 @@ const divmod = (q: string, r: string, a: string, d: string) => `
   if (${r} >= ${d}) { ${q} = ${q} + 1; ${r} = ${r} - ${d}; }`;
 
 /**
- * Compensated (Kahan) partial sums of d = (x - hi) - lo, or of d * d when order is 2, per block of
- * a channel. Output cell t = ch * parts + p covers elements [p * block, p * block + block) of
- * channel ch, where the channel's elements are numbered j = b * s + i across the batch. With an
- * output of 2 * c * parts cells, cell c * parts + t holds the compensation of cell t, so that
- * sum - compensation, added in float64, keeps the bits a float32 result would drop.
+ * Kahan-compensated sums over blocks of a channel. Output cell t = ch * parts + p covers elements
+ * [p * block, p * block + block) of channel ch, where the channel's elements are numbered
+ * j = b * s + i across the batch; cells from c * parts on cover the same blocks again with
+ * `second` set. `term` is the code that sets the summand from v = (x - hi) - lo; `result` the
+ * code that returns from sum and comp.
  */
-export const PARTIAL_SUMS = `function (x, c, s, count, parts, block, hi, lo, order, one) {
+const blockSums = (args: string, term: string, result: string) => `function (${args}) {
   let t = this.thread.x;
-  let compensation = 0;
+  let second = 0;
   if (t >= c * parts) {
     t = t - c * parts;
-    compensation = 1;
+    second = 1;
   }
   ${divmod('ch', 'p', 't', 'parts')}
   const j0 = p * block;
@@ -53,8 +53,7 @@ export const PARTIAL_SUMS = `function (x, c, s, count, parts, block, hi, lo, ord
   for (let k = 0; k < ${BLOCK}; k++) {
     if (k >= len) { break; }
     const v = (x[base + i] - h) - l;
-    let term = v;
-    if (order == 2) { term = v * v; }
+    ${term}
     const yv = term - comp;
     const tv = (sum + yv) * one;
     comp = (tv - sum) - yv;
@@ -66,24 +65,52 @@ export const PARTIAL_SUMS = `function (x, c, s, count, parts, block, hi, lo, ord
       base = (b * c + ch) * s;
     }
   }
-  if (compensation == 1) { return comp; }
-  return sum;
+  ${result}
 }`;
 
-/** y = ((x - hi) - lo) * scale + shift over a flat output; for small planes. */
-export const NORMALIZE_FLAT = `function (x, c, s, hi, lo, scale, shift) {
+/**
+ * Sums of v, or of v * v when order is 2. With 2 * c * parts cells, the second half holds each
+ * block's compensation, so that sum - compensation, added in float64, keeps the bits a float32
+ * result would drop.
+ */
+export const PARTIAL_SUMS = blockSums(
+  'x, c, s, count, parts, block, hi, lo, order, one',
+  'let term = v; if (order == 2) { term = v * v; }',
+  'if (second == 1) { return comp; } return sum;',
+);
+
+/** Backward's sums: Σ dy in the first c * parts cells, Σ dy * v in the second. */
+export const GRAD_SUMS = blockSums(
+  'x, dy, c, s, count, parts, block, hi, lo, one',
+  'const g = dy[base + i]; let term = g; if (second == 1) { term = g * v; }',
+  'return sum;',
+);
+
+/**
+ * An elementwise kernel over a flat output (for small planes) and over an (N * C, S) output with
+ * one row per (sample, channel) plane (for large planes). `expression` computes element `idx` of
+ * channel `ch`.
+ */
+const elementwise = (args: string, expression: string) => ({
+  flat: `function (${args}) {
   const idx = this.thread.x;
   ${divmod('plane', 'i', 'idx', 's')}
   ${divmod('b', 'ch', 'plane', 'c')}
-  return ((x[idx] - hi[ch]) - lo[ch]) * scale[ch] + shift[ch];
-}`;
-
-/** The same over an (N * C, S) output: one row per (sample, channel) plane; for large planes. */
-export const NORMALIZE_PLANES = `function (x, c, s, hi, lo, scale, shift) {
+  return ${expression};
+}`,
+  planes: `function (${args}) {
   const plane = this.thread.y;
   ${divmod('b', 'ch', 'plane', 'c')}
-  return ((x[plane * s + this.thread.x] - hi[ch]) - lo[ch]) * scale[ch] + shift[ch];
-}`;
+  const idx = plane * s + this.thread.x;
+  return ${expression};
+}`,
+});
 
-/** Planes at least this long use NORMALIZE_PLANES. */
+/** y = ((x - hi) - lo) * scale + shift. */
+export const NORMALIZE = elementwise('x, c, s, hi, lo, scale, shift', '((x[idx] - hi[ch]) - lo[ch]) * scale[ch] + shift[ch]');
+
+/** grad_input = dy * a + ((x - hi) - lo) * b + k. */
+export const GRAD_INPUT = elementwise('x, dy, c, s, hi, lo, a, bb, k', 'dy[idx] * a[ch] + ((x[idx] - hi[ch]) - lo[ch]) * bb[ch] + k[ch]');
+
+/** Planes at least this long use the planes form. */
 export const PLANE_KERNEL_MIN_S = 32;
