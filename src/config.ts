@@ -65,6 +65,20 @@ export const SETTINGS = {
     schema: int(1, 10_000_000),
     description: 'Most modules one server holds.',
   },
+  contextBudgetBytes: {
+    flag: 'context-budget-bytes',
+    env: 'NORMSERVE_CONTEXT_BUDGET_BYTES',
+    default: 1_073_741_824,
+    schema: int(0, Number.MAX_SAFE_INTEGER),
+    description: 'Bytes that forwards saved for backward may hold in all; the oldest are evicted past it (1 GiB).',
+  },
+  contextTtlMs: {
+    flag: 'context-ttl-ms',
+    env: 'NORMSERVE_CONTEXT_TTL_MS',
+    default: 300_000,
+    schema: int(1, 86_400_000),
+    description: 'How long a saved forward waits for its backward (5 minutes).',
+  },
   shutdownGraceMs: {
     flag: 'shutdown-grace-ms',
     env: 'NORMSERVE_SHUTDOWN_GRACE_MS',

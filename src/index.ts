@@ -3,6 +3,7 @@ export { NormserveClient, NormserveClientError } from './client/client.js';
 export type {
   BufferName,
   ClientOptions,
+  Gradients,
   LoadOptions,
   LoadResult,
   ModuleChanges,

@@ -30,6 +30,13 @@ export interface TensorData {
   readonly data: Float32Array;
 }
 
+export interface Gradients {
+  gradInput: TensorData;
+  /** null when the module is not affine. */
+  gradWeight: Float32Array | null;
+  gradBias: Float32Array | null;
+}
+
 export interface ModuleSpec {
   kind: ModuleKind;
   numFeatures: number;
@@ -262,10 +269,32 @@ export class NormserveClient {
     return { module: moduleFromWire(r.module), missingKeys: r.missing_keys, unexpectedKeys: r.unexpected_keys };
   }
 
-  /** module(input): the output has the input's shape. */
-  async forward(name: string, input: TensorData): Promise<TensorData> {
-    const r = await this.#call<{ output: Tensor__Output }>('Forward', { name, input: encodeTensor(input.shape, input.data) });
-    return tensorFromWire(r.output);
+  /**
+   * module(input): the output has the input's shape. With `saveForBackward`, the server keeps what
+   * backward needs and `contextId` names it.
+   */
+  async forward(name: string, input: TensorData, options: { saveForBackward?: boolean } = {}): Promise<TensorData & { contextId: string }> {
+    const r = await this.#call<{ output: Tensor__Output; context_id: string }>('Forward', {
+      name,
+      input: encodeTensor(input.shape, input.data),
+      save_for_backward: options.saveForBackward ?? false,
+    });
+    return { ...tensorFromWire(r.output), contextId: r.context_id };
+  }
+
+  /** The gradients of a saved forward; parameter gradients only for affine modules. */
+  async backward(name: string, contextId: string, gradOutput: TensorData, options: { retainContext?: boolean } = {}): Promise<Gradients> {
+    const r = await this.#call<{ grad_input: Tensor__Output; grad_weight?: Tensor__Output | null; grad_bias?: Tensor__Output | null }>('Backward', {
+      name,
+      context_id: contextId,
+      grad_output: encodeTensor(gradOutput.shape, gradOutput.data),
+      retain_context: options.retainContext ?? false,
+    });
+    return {
+      gradInput: tensorFromWire(r.grad_input),
+      gradWeight: r.grad_weight ? tensorFromWire(r.grad_weight).data : null,
+      gradBias: r.grad_bias ? tensorFromWire(r.grad_bias).data : null,
+    };
   }
 
   #call<T>(method: string, request: object, stub: object = this.#stub): Promise<T> {

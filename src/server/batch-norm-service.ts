@@ -7,6 +7,8 @@ import type { Logger } from 'pino';
 import type { BatchNormServiceHandlers } from '../generated/normserve/v1/BatchNormService.js';
 import { bnError } from '../errors.js';
 import type { Kernels } from '../kernels/kernels.js';
+import { backward } from '../nn/batch-norm.js';
+import { savedBytesFor, type ContextStore } from '../registry/context-store.js';
 import type { ModuleRegistry } from '../registry/module-registry.js';
 import { configFromWire, loadInputFromWire, moduleToWire, stateToWire, updateFromWire } from '../wire/convert.js';
 import { batchNormService } from '../wire/proto.js';
@@ -15,6 +17,7 @@ import { toServiceError } from './status.js';
 
 export interface BatchNormServiceDeps {
   readonly registry: ModuleRegistry;
+  readonly contexts: ContextStore;
   readonly kernels: Kernels;
   readonly maxTensorElements: number;
   readonly logger: Logger;
@@ -27,7 +30,7 @@ export interface BatchNormServiceDeps {
 type Handler<Req, Res> = (request: Req, call: ServerUnaryCall<Req, Res>) => Res | Promise<Res>;
 
 export function addBatchNormService(server: Server, deps: BatchNormServiceDeps): void {
-  const { registry, kernels, maxTensorElements, logger } = deps;
+  const { registry, contexts, kernels, maxTensorElements, logger } = deps;
 
   function unary<Req, Res>(handler: Handler<Req, Res>) {
     return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
@@ -59,6 +62,7 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
     }),
     DeleteModule: unary(async (req) => {
       await registry.delete(req.name);
+      contexts.dropModule(req.name);
       return {};
     }),
     UpdateModule: unary((req) => {
@@ -94,10 +98,24 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
     Forward: unary((req) => {
       registry.get(req.name);
       const input = decodeTensor(req.input, { field: 'input', maxElements: maxTensorElements, accept: ['FLOAT32'] });
+      if (req.save_for_backward) contexts.checkFits(savedBytesFor(input.data.length, input.shape[1] ?? 0));
       return registry.exclusive(req.name, async (module) => {
-        const output = await module.forward(input.data, input.shape, kernels);
-        return { output: encodeTensor(input.shape, output) };
+        const { output, saved } = await module.forward(input.data, input.shape, kernels, req.save_for_backward);
+        const contextId = saved ? contexts.put(req.name, saved) : '';
+        return { output: encodeTensor(input.shape, output), context_id: contextId };
       });
+    }),
+    Backward: unary(async (req) => {
+      registry.get(req.name);
+      const dy = decodeTensor(req.grad_output, { field: 'grad_output', maxElements: maxTensorElements, accept: ['FLOAT32'] });
+      const saved = contexts.get(req.context_id, req.name);
+      const grads = await backward(saved, dy.data, dy.shape, kernels);
+      if (!req.retain_context) contexts.release(req.context_id);
+      return {
+        grad_input: encodeTensor(saved.shape, grads.gradInput),
+        ...(grads.gradWeight ? { grad_weight: encodeTensor([grads.gradWeight.length], grads.gradWeight) } : {}),
+        ...(grads.gradBias ? { grad_bias: encodeTensor([grads.gradBias.length], grads.gradBias) } : {}),
+      };
     }),
   };
   server.addService(batchNormService, handlers as unknown as UntypedServiceImplementation);

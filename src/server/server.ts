@@ -8,6 +8,7 @@ import { HealthImplementation } from 'grpc-health-check';
 import type { Logger } from 'pino';
 import type { Config } from '../config.js';
 import type { Kernels } from '../kernels/kernels.js';
+import { ContextStore } from '../registry/context-store.js';
 import { ModuleRegistry } from '../registry/module-registry.js';
 import { packageDefinition } from '../wire/proto.js';
 import { addBatchNormService } from './batch-norm-service.js';
@@ -18,6 +19,7 @@ export const BATCH_NORM_SERVICE_NAME = 'normserve.v1.BatchNormService';
 export interface RunningServer {
   readonly port: number;
   readonly registry: ModuleRegistry;
+  readonly contexts: ContextStore;
   /** BatchNormService calls being handled now. */
   inFlight(): number;
   /**
@@ -33,7 +35,7 @@ export interface ServerDeps {
 }
 
 export async function startServer(
-  config: Pick<Config, 'host' | 'port' | 'maxMessageBytes' | 'maxTensorElements' | 'maxModules'>,
+  config: Pick<Config, 'host' | 'port' | 'maxMessageBytes' | 'maxTensorElements' | 'maxModules' | 'contextBudgetBytes' | 'contextTtlMs'>,
   { kernels, logger }: ServerDeps,
 ): Promise<RunningServer> {
   const server = new Server({
@@ -42,10 +44,14 @@ export async function startServer(
     interceptors: [callLogInterceptor(logger)],
   });
   const registry = new ModuleRegistry(config.maxModules);
+  const contexts = new ContextStore(config.contextBudgetBytes, config.contextTtlMs, (e) =>
+    logger.warn({ module: e.module, context_id: e.id, bytes: e.bytes, reason: e.reason }, 'saved context dropped before its backward'),
+  );
   let draining = false;
   const inFlight = { count: 0 };
   addBatchNormService(server, {
     registry,
+    contexts,
     kernels,
     maxTensorElements: config.maxTensorElements,
     logger,
@@ -81,9 +87,10 @@ export async function startServer(
           resolve();
         });
       });
+      contexts.close();
       await kernels.dispose();
     })();
     return closing;
   };
-  return { port, registry, inFlight: () => inFlight.count, shutdown };
+  return { port, registry, contexts, inFlight: () => inFlight.count, shutdown };
 }
