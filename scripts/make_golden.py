@@ -16,12 +16,15 @@ SCENARIO = {"id", "description", "kind": BATCH_NORM_1D | BATCH_NORM_2D | BATCH_N
 
 STEP = {"op", ...arguments, "expect": {...}, "after": MODULE_STATE}, where op is one of
   update               training?, track_running_stats?, clear_buffers? (names set to None)
-  forward              input: TENSOR
+  forward              input: TENSOR, save? (keep the graph for the next backward)
+  backward             grad_output: TENSOR (the gradients of the last saved forward)
   load_state           state: {weight?, bias?, running_mean?, running_var?: TENSOR,
                        num_batches_tracked?: int}, version: 2 | 1 | null (null: no metadata),
                        strict
   reset_running_stats, reset_parameters, get_state
 and "expect" holds what applies: output (TENSOR), error ({type, message}: PyTorch's exception),
+grad_input, grad_weight and grad_bias (backward; the parameter gradients absent when not affine;
+with _f64 twins where the scenario has a float64 twin),
 missing_keys / unexpected_keys (a load that succeeded), state_dict and state_dict_keys
 (get_state; the counter as an int), and, in the precision group, output_f64 and after_f64 from a
 float64 twin of the module run in lock-step.
@@ -139,6 +142,8 @@ class Scenario:
         self.twin = copy.deepcopy(self.m).double() if precision else None
         self.initial = state_of(self.m)
         self.steps = []
+        self.graph = None
+        self.twin_graph = None
 
     # Inputs ------------------------------------------------------------------------------
 
@@ -193,18 +198,54 @@ class Scenario:
             step["clear_buffers"] = list(clear)
         return self._record(step, {})
 
-    def forward(self, x):
+    def forward(self, x, save=False):
         step = {"op": "forward", "input": enc(x)}
         expect = {}
+        if save:
+            step["save"] = True
+            x = x.clone().requires_grad_(True)
         try:
-            expect["output"] = enc(self.m(x))
+            y = self.m(x)
+            expect["output"] = enc(y)
+            if save:
+                self.graph = (x, y)
         except Exception as e:  # noqa: BLE001 - every PyTorch exception is a fixture
             expect["error"] = error_of(e)
         if self.twin is not None:
             try:
-                expect["output_f64"] = enc(self.twin(x.double()))
+                x64 = x.detach().double().requires_grad_(save)
+                y64 = self.twin(x64)
+                expect["output_f64"] = enc(y64)
+                if save:
+                    self.twin_graph = (x64, y64)
             except Exception:  # noqa: BLE001
                 pass
+        return self._record(step, expect)
+
+    def backward(self, dy):
+        x, y = self.graph
+        for p in self.m.parameters():
+            p.grad = None
+        x.grad = None
+        step = {"op": "backward", "grad_output": enc(dy)}
+        expect = {}
+        try:
+            y.backward(dy, retain_graph=True)
+            expect["grad_input"] = enc(x.grad)
+            if self.m.affine:
+                expect["grad_weight"] = enc(self.m.weight.grad)
+                expect["grad_bias"] = enc(self.m.bias.grad)
+        except Exception as e:  # noqa: BLE001
+            expect["error"] = error_of(e)
+        if self.twin is not None and "error" not in expect:
+            x64, y64 = self.twin_graph
+            for p in self.twin.parameters():
+                p.grad = None
+            y64.backward(dy.double(), retain_graph=True)
+            expect["grad_input_f64"] = enc(x64.grad)
+            if self.twin.affine:
+                expect["grad_weight_f64"] = enc(self.twin.weight.grad)
+                expect["grad_bias_f64"] = enc(self.twin.bias.grad)
         return self._record(step, expect)
 
     def load(self, state, version=2, strict=True):
@@ -615,6 +656,53 @@ def precision():
     return out
 
 
+def backward():
+    out = []
+    for kind, shape in kind_shapes():
+        tag = "{}-{}".format(short(kind), label(shape))
+        for affine in (True, False):
+            a = "" if affine else "-affine-off"
+            s = Scenario("backward-" + tag + a, "gradients with batch statistics (train), running statistics (eval) and batch statistics in eval without buffers", kind, affine=affine)
+            s.load_random_affine()
+            s.forward(s.data(shape), save=True).backward(s.data(shape))
+            s.update(training=False).forward(s.data(shape), save=True).backward(s.data(shape))
+            s.update(track=False).forward(s.data(shape), save=True).backward(s.data(shape))
+            out.append(s)
+        s = Scenario("backward-no-buffers-" + tag, "built without tracking: batch statistics in train and eval", kind, track=False)
+        s.load_random_affine()
+        s.forward(s.data(shape), save=True).backward(s.data(shape))
+        s.update(training=False).forward(s.data(shape), save=True).backward(s.data(shape))
+        out.append(s)
+
+    s = Scenario("backward-large-nc", "(N, C) with many rows, where PyTorch's CPU kernel sums in float32: checked against float64", "BATCH_NORM_1D", num_features=8, precision=True)
+    s.load_random_affine()
+    s.forward(s.data((4096, 8)), save=True).backward(s.data((4096, 8)))
+    out.append(s)
+
+    s = Scenario("backward-eps-0-constant-channel", "eps=0 and a constant channel: zero input and weight gradients on it", "BATCH_NORM_2D", eps=0.0)
+    s.load_random_affine()
+    x = s.data((3, 3, 2, 2))
+    x[:, 2] = 1.25
+    s.forward(x, save=True).backward(s.data((3, 3, 2, 2)))
+    out.append(s)
+
+    s = Scenario("backward-empty", "an empty batch: empty grad_input, zero parameter gradients", "BATCH_NORM_2D")
+    s.forward(s.data((0, 3, 2, 2)), save=True).backward(s.data((0, 3, 2, 2)))
+    s.update(training=False).forward(s.data((2, 3, 0, 2)), save=True).backward(s.data((2, 3, 0, 2)))
+    out.append(s)
+
+    s = Scenario("backward-shape-mismatch", "a grad_output whose shape differs from the output's", "BATCH_NORM_2D")
+    s.forward(s.data((2, 3, 2, 2)), save=True).backward(s.data((2, 3, 2, 3))).backward(s.data((2, 3, 2, 2)))
+    out.append(s)
+
+    s = Scenario("backward-momentum-none-steps", "several saved forwards and backwards with momentum=None", "BATCH_NORM_3D", momentum=None)
+    s.load_random_affine()
+    for _ in range(3):
+        s.forward(s.data((2, 3, 2, 2, 2)), save=True).backward(s.data((2, 3, 2, 2, 2)))
+    out.append(s)
+    return out
+
+
 GROUPS = {
     "truth-table": truth_table,
     "momentum": momentum,
@@ -624,6 +712,7 @@ GROUPS = {
     "empty": empty,
     "state-dict": state_dict,
     "precision": precision,
+    "backward": backward,
 }
 
 

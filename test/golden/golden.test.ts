@@ -16,7 +16,7 @@ const files = loadGolden();
 describe('golden fixtures', () => {
   it('cover every group and come from PyTorch 1.13', () => {
     expect(files.map((f) => f.group).sort()).toEqual(
-      ['affine-eps', 'empty', 'errors', 'flag-flip', 'momentum', 'precision', 'state-dict', 'truth-table'].sort(),
+      ['affine-eps', 'backward', 'empty', 'errors', 'flag-flip', 'momentum', 'precision', 'state-dict', 'truth-table'].sort(),
     );
     for (const f of files) expect(f.torch_version).toMatch(/^1\.13/);
   });

@@ -5,7 +5,7 @@
 import { NormserveClient, NormserveClientError, type StateDict as ClientStateDict } from '../../src/client/client.js';
 import { NormserveError } from '../../src/errors.js';
 import type { Kernels } from '../../src/kernels/kernels.js';
-import { BatchNorm } from '../../src/nn/batch-norm.js';
+import { backward, BatchNorm, type SavedForward } from '../../src/nn/batch-norm.js';
 import { resolveConfig } from '../../src/nn/config.js';
 import type { LoadInput } from '../../src/nn/state-dict.js';
 import { float32, type FixtureTensor, type Scenario, type Step } from './fixtures.js';
@@ -26,9 +26,18 @@ export interface Failure {
   pythonType: string | undefined;
 }
 
+export interface GradResult {
+  gradInput: Float32Array;
+  gradWeight: Float32Array | null;
+  gradBias: Float32Array | null;
+}
+
 export interface ModuleHandle {
   update(step: Step): Promise<void>;
-  forward(shape: number[], data: Float32Array): Promise<Float32Array>;
+  /** With `save`, the handle keeps the context for the next backward. */
+  forward(shape: number[], data: Float32Array, save?: boolean): Promise<Float32Array>;
+  /** The gradients of the last saved forward. */
+  backward(shape: number[], gradOutput: Float32Array): Promise<GradResult>;
   loadState(step: Step): Promise<{ missingKeys: string[]; unexpectedKeys: string[] }>;
   resetRunningStats(): Promise<void>;
   resetParameters(): Promise<void>;
@@ -66,11 +75,21 @@ function configOf(scenario: Scenario) {
 /** The module layer with the given kernels. */
 export function moduleHandle(scenario: Scenario, kernels: Kernels): ModuleHandle {
   const module = new BatchNorm(configOf(scenario));
+  let saved: SavedForward | null = null;
   return {
     async update(step) {
       module.update({ training: step.training, trackRunningStats: step.track_running_stats, clearBuffers: step.clear_buffers });
     },
-    forward: (shape, data) => module.forward(data, shape, kernels),
+    async forward(shape, data, save = false) {
+      const r = await module.forward(data, shape, kernels, save);
+      if (save) saved = r.saved;
+      return r.output;
+    },
+    async backward(shape, gradOutput) {
+      if (!saved) throw new Error('backward without a saved forward');
+      const { gradInput, gradWeight, gradBias } = await backward(saved, gradOutput, shape, kernels);
+      return { gradInput, gradWeight, gradBias };
+    },
     async loadState(step) {
       const r = module.loadStateDict(loadInput(step), step.version ?? null, step.strict ?? true);
       return { missingKeys: r.missingKeys, unexpectedKeys: r.unexpectedKeys };
@@ -115,6 +134,7 @@ export async function serverHandle(scenario: Scenario, client: NormserveClient, 
     affine: c.affine,
     trackRunningStats: c.track_running_stats,
   });
+  let contextId = '';
   return {
     async update(step) {
       await client.updateModule(name, {
@@ -123,8 +143,14 @@ export async function serverHandle(scenario: Scenario, client: NormserveClient, 
         clearBuffers: step.clear_buffers ?? [],
       });
     },
-    async forward(shape, data) {
-      return (await client.forward(name, { shape, data })).data;
+    async forward(shape, data, save = false) {
+      const r = await client.forward(name, { shape, data }, { saveForBackward: save });
+      if (save) contextId = r.contextId;
+      return r.data;
+    },
+    async backward(shape, gradOutput) {
+      const g = await client.backward(name, contextId, { shape, data: gradOutput });
+      return { gradInput: g.gradInput.data, gradWeight: g.gradWeight, gradBias: g.gradBias };
     },
     async loadState(step) {
       const input = loadInput(step);

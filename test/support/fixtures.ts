@@ -27,7 +27,9 @@ export interface FixtureError {
 }
 
 export interface Step {
-  op: 'update' | 'forward' | 'load_state' | 'reset_running_stats' | 'reset_parameters' | 'get_state';
+  op: 'update' | 'forward' | 'backward' | 'load_state' | 'reset_running_stats' | 'reset_parameters' | 'get_state';
+  save?: boolean;
+  grad_output?: FixtureTensor;
   training?: boolean;
   track_running_stats?: boolean;
   clear_buffers?: ('running_mean' | 'running_var' | 'num_batches_tracked')[];
@@ -40,6 +42,12 @@ export interface Step {
     output_f64?: FixtureTensor;
     after_f64?: ModuleStateFixture;
     error?: FixtureError;
+    grad_input?: FixtureTensor;
+    grad_weight?: FixtureTensor;
+    grad_bias?: FixtureTensor;
+    grad_input_f64?: FixtureTensor;
+    grad_weight_f64?: FixtureTensor;
+    grad_bias_f64?: FixtureTensor;
     missing_keys?: string[];
     unexpected_keys?: string[];
     state_dict?: Record<string, FixtureTensor | number>;

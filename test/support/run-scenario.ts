@@ -2,7 +2,7 @@
 import { expect } from 'vitest';
 import { Status } from '../../src/errors.js';
 import { TOL, expectAtLeastAsAccurate, expectClose, type Tolerance } from './compare.js';
-import type { ModuleHandle, Observed } from './executors.js';
+import type { GradResult, ModuleHandle, Observed } from './executors.js';
 import { float32, values, type FixtureError, type ModuleStateFixture, type Scenario, type Step } from './fixtures.js';
 
 /** The gRPC status normserve gives for a PyTorch exception (docs/semantics.md). */
@@ -41,7 +41,9 @@ async function runStep(handle: ModuleHandle, step: Step, where: string): Promise
     case 'update':
       return handle.update(step);
     case 'forward':
-      return handle.forward(step.input!.shape, float32(step.input!));
+      return handle.forward(step.input!.shape, float32(step.input!), step.save ?? false);
+    case 'backward':
+      return handle.backward(step.grad_output!.shape, float32(step.grad_output!));
     case 'load_state':
       return handle.loadState(step);
     case 'reset_running_stats':
@@ -87,6 +89,23 @@ export async function runScenario(scenario: Scenario, handle: ModuleHandle): Pro
           expectClose(output, values(want), { rtol: 0, atol: 3e-2 }, `${where}: output vs PyTorch float32`);
         } else {
           expectClose(output, values(want), TOL.output, `${where}: output`);
+        }
+      }
+      if (step.op === 'backward') {
+        const g = result as GradResult;
+        for (const [key, got] of [
+          ['grad_input', g.gradInput],
+          ['grad_weight', g.gradWeight],
+          ['grad_bias', g.gradBias],
+        ] as const) {
+          const want = expected[key];
+          const exact = expected[`${key}_f64`];
+          if (!want) expect(got, `${where}: ${key} of a module that is not affine`).toBeNull();
+          else if (exact) {
+            // PyTorch's own float32 result is not exact here: be at least as close to float64.
+            expectAtLeastAsAccurate(got!, values(want), values(exact), `${where}: ${key} vs float64`);
+            expectClose(got!, values(want), { rtol: 1e-3, atol: 1e-4 }, `${where}: ${key} vs PyTorch float32`);
+          } else expectClose(got!, values(want), TOL.gradient, `${where}: ${key}`);
         }
       }
       if (step.op === 'load_state') {

@@ -4,7 +4,7 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { Kernels, Layout } from '../../src/kernels/kernels.js';
-import { referenceNormalize, referenceStats } from '../../src/kernels/reference.js';
+import { referenceGradInput, referenceGradSums, referenceNormalize, referenceStats } from '../../src/kernels/reference.js';
 import { availableBackends } from '../support/backends.js';
 import { expectClose } from '../support/compare.js';
 import { channelData } from '../support/data.js';
@@ -58,6 +58,30 @@ for (const backend of await availableBackends()) {
           const params = { mean: ref.mean, scale, shift };
           const y = await kernels.normalize(x, layout, params);
           expectClose(y, referenceNormalize(x, layout, params), { rtol: 1e-6, atol: 2e-6 }, 'normalised output');
+
+          // Backward: the sums about the mean, and the elementwise input gradient.
+          const dy = channelData(layout.n, layout.c, layout.s, 0.5, 1, layout.n + 7);
+          const sums = await kernels.gradSums(x, dy, layout, ref.mean);
+          const sumsRef = referenceGradSums(x, dy, layout, ref.mean);
+          // Float32 sums in blocks: within a millionth of the sum of magnitudes.
+          const magnitudes = referenceGradSums(
+            x.map((v, i) => ref.mean[Math.floor(i / layout.s) % layout.c]! + Math.abs(v - ref.mean[Math.floor(i / layout.s) % layout.c]!)),
+            dy.map(Math.abs),
+            layout,
+            ref.mean,
+          );
+          for (let ch = 0; ch < layout.c; ch++) {
+            expect(Math.abs(sums.sumDy[ch]! - sumsRef.sumDy[ch]!), `sum dy of channel ${ch}`).toBeLessThanOrEqual(1e-6 * magnitudes.sumDy[ch]!);
+            expect(Math.abs(sums.sumDyXmu[ch]! - sumsRef.sumDyXmu[ch]!), `sum dy(x-mean) of channel ${ch}`).toBeLessThanOrEqual(
+              1e-6 * magnitudes.sumDyXmu[ch]! + 1e-12,
+            );
+          }
+          const a = Float64Array.from(scale, (v) => v * 0.9);
+          const b = Float64Array.from(scale, (v, ch) => -v * v * v * (sumsRef.sumDyXmu[ch]! / count));
+          const k = Float64Array.from(scale, (v, ch) => -v * (sumsRef.sumDy[ch]! / count));
+          const gradParams = { mean: ref.mean, a, b, k };
+          const gi = await kernels.gradInput(x, dy, layout, gradParams);
+          expectClose(gi, referenceGradInput(x, dy, layout, gradParams), { rtol: 1e-5, atol: 1e-5 * Math.max(...a.map(Math.abs)) }, 'input gradient');
         });
       }
     }
