@@ -117,6 +117,49 @@ export const catalogue = {
     pythonType: 'RuntimeError',
   },
 
+  // The SyncBatchNorm coordinator
+  BN_ERR_NOT_SYNC: {
+    status: Status.FAILED_PRECONDITION,
+    template: "module '{name}' is a {className}: SyncBatchNormService serves SYNC_BATCH_NORM modules (ConvertToSync makes one)",
+  },
+  BN_ERR_USE_SYNC: {
+    status: Status.FAILED_PRECONDITION,
+    template: "module '{name}' is a SyncBatchNorm group of {worldSize} ranks that pools its statistics in this mode: use SyncBatchNormService.{method}",
+  },
+  BN_ERR_WORLD_SIZE: {
+    status: Status.FAILED_PRECONDITION,
+    template: "world_size {given} disagrees with module '{name}', a group of {expected} ranks",
+  },
+  BN_ERR_RANK: { status: Status.INVALID_ARGUMENT, template: 'rank {rank} is outside 0..{last} of a group of {worldSize} ranks' },
+  BN_ERR_STEP: { status: Status.INVALID_ARGUMENT, template: 'step must be 0 or more, got {step}' },
+  BN_ERR_STEP_ORDER: { status: Status.FAILED_PRECONDITION, template: "module '{name}': {detail}" },
+  BN_ERR_STEP_ABORTED: {
+    status: Status.ABORTED,
+    template: "step {step} of module '{name}' was aborted: {why}; nothing changed, run the step again",
+  },
+  BN_ERR_STEP_TIMEOUT: {
+    status: Status.ABORTED,
+    template:
+      "step {step} of module '{name}' timed out after step_timeout_ms={ms} waiting for ranks {missing} (joined: {joined}); nothing changed, run the step again",
+  },
+  BN_ERR_DUPLICATE_RANK: {
+    status: Status.ALREADY_EXISTS,
+    template: "rank {rank} already sent different {what} for step {step} of module '{name}'",
+  },
+  BN_ERR_INVALID_STATS: { status: Status.INVALID_ARGUMENT, template: 'invalid {field}: {detail}' },
+  BN_ERR_GROUP_CHANNELS: {
+    status: Status.FAILED_PRECONDITION,
+    template: "rank {rank} sent {channels} channels for step {step} of module '{name}'; rank {other} sent {expected}",
+  },
+  BN_ERR_NO_FORWARD_STEP: {
+    status: Status.FAILED_PRECONDITION,
+    template: "step {step} of module '{name}' has no completed forward here: SyncForward or GatherStats must complete it first",
+  },
+  BN_ERR_CONTEXT_STEP: {
+    status: Status.INVALID_ARGUMENT,
+    template: 'context {id} is from {from}, not step {step} rank {rank}',
+  },
+
   // Capacity and service state
   BN_ERR_TOO_MANY_MODULES: {
     status: Status.RESOURCE_EXHAUSTED,

@@ -8,8 +8,8 @@
  * empty-input and channel checks (§3), so a failed forward can leave the counter one higher.
  */
 import { bnError } from '../errors.js';
-import { layoutOf, type Kernels } from '../kernels/kernels.js';
-import { CLASS_NAMES, checkEps, checkMomentum, moduleRepr, type ModuleConfig } from './config.js';
+import { layoutOf, type GradSums, type Kernels, type Layout } from '../kernels/kernels.js';
+import { CLASS_NAMES, checkEps, checkGroup, checkMomentum, moduleRepr, type ModuleConfig, type SyncRule } from './config.js';
 import { loadStateDict, type LoadInput, type LoadResult, type StateDict } from './state-dict.js';
 
 export const BUFFER_NAMES = ['running_mean', 'running_var', 'num_batches_tracked'] as const;
@@ -57,8 +57,23 @@ export interface SavedForward {
 
 export interface ForwardResult {
   readonly output: Float32Array;
+  /** The statistics that normalised the input (batch or running), over `count` values per channel. */
+  readonly stats: { readonly count: number; readonly mean: Float64Array; readonly invstd: Float64Array };
   /** Present when the forward was asked to save for backward. */
   readonly saved: SavedForward | null;
+}
+
+/** §4 steps 2–4 for the module's current state (see BatchNorm.plan). */
+export interface ForwardPlan {
+  /** num_batches_tracked once this call commits. */
+  readonly nbtAfter: bigint | null;
+  /** The running-statistics update factor (momentum, or 1/nbt for momentum=None). */
+  readonly factor: number;
+  /** Whether batch statistics normalise the input. */
+  readonly bnTraining: boolean;
+  /** The buffers passed to the kernel (updated with batch statistics), or null. */
+  readonly runningMean: Float32Array | null;
+  readonly runningVar: Float32Array | null;
 }
 
 export interface Gradients {
@@ -80,7 +95,7 @@ const RANKS: Readonly<Record<ModuleConfig['kind'], { ok: (rank: number) => boole
 };
 
 export class BatchNorm {
-  readonly config: ModuleConfig;
+  #config: ModuleConfig;
   #training = true;
   #track: boolean;
   #eps: number;
@@ -93,7 +108,7 @@ export class BatchNorm {
 
   constructor(config: ModuleConfig) {
     const c = config.numFeatures;
-    this.config = config;
+    this.#config = config;
     this.#track = config.trackRunningStats;
     this.#eps = config.eps;
     this.#momentum = config.momentum;
@@ -104,8 +119,30 @@ export class BatchNorm {
     this.#nbt = config.trackRunningStats ? 0n : null;
   }
 
+  get config(): ModuleConfig {
+    return this.#config;
+  }
+
   get training(): boolean {
     return this.#training;
+  }
+
+  /**
+   * convert_sync_batchnorm for this module: it becomes a SyncBatchNorm of a group of `worldSize`
+   * ranks and keeps everything else, the training flag included (PyTorch 1.13 dropped it).
+   */
+  convertToSync(worldSize: number, syncRule: SyncRule): void {
+    checkGroup('SYNC_BATCH_NORM', worldSize, (detail) => bnError('BN_ERR_INVALID_UPDATE', { detail }));
+    this.#config = { ...this.#config, kind: 'SYNC_BATCH_NORM', worldSize, syncRule };
+  }
+
+  /**
+   * Whether a call in the current mode pools statistics across the group: when batch statistics
+   * are used (PR #44445), or only when training as well (PyTorch 1.9's rule). A group of one
+   * pools with itself, which is plain BatchNorm.
+   */
+  needsSync(plan: ForwardPlan): boolean {
+    return this.#config.kind === 'SYNC_BATCH_NORM' && plan.bnTraining && (this.#config.syncRule === 'SYNC_WHEN_BATCH_STATS' || this.#training);
   }
 
   get className(): string {
@@ -214,35 +251,67 @@ export class BatchNorm {
   }
 
   /**
-   * module(x) in the current mode (§4). `shape` is x's shape; x is read, never kept. The kernels
-   * run between validation and commit, so callers must not run two forwards of one module at once.
+   * The decisions of §4 steps 2–4 for the module as it is now: the counter after a training call,
+   * the update factor, whether batch statistics are used, and which buffers are passed.
    */
-  async forward(x: Float32Array, shape: readonly number[], kernels: Kernels, save = false): Promise<ForwardResult> {
-    // 1. Rank (and, for SyncBatchNorm, zero channels): nothing has changed yet.
-    const rank = RANKS[this.config.kind];
-    if (!rank.ok(shape.length)) throw bnError('BN_ERR_INPUT_RANK', { expected: rank.expected, rank: shape.length });
-    if (this.config.kind === 'SYNC_BATCH_NORM' && shape[1] === 0) throw bnError('BN_ERR_ZERO_CHANNELS', {});
-
-    // 2. The counter moves now, before the checks that can still fail (PyTorch does the same).
+  plan(): ForwardPlan {
     let factor = this.#momentum ?? 0;
     let nbt = this.#nbt;
     if (this.#training && this.#track && nbt !== null) {
       nbt += 1n;
       factor = this.#momentum ?? 1 / Number(nbt);
     }
-    const commitCounter = () => {
-      this.#nbt = nbt;
-    };
-
-    // 3–4. Which statistics, and which buffers are passed to the kernel.
-    const bnTraining = this.#training || (this.#runningMean === null && this.#runningVar === null);
     const passBuffers = !this.#training || this.#track;
-    const rmIn = passBuffers ? this.#runningMean : null;
-    const rvIn = passBuffers ? this.#runningVar : null;
+    return {
+      nbtAfter: nbt,
+      factor,
+      bnTraining: this.#training || (this.#runningMean === null && this.#runningVar === null),
+      runningMean: passBuffers ? this.#runningMean : null,
+      runningVar: passBuffers ? this.#runningVar : null,
+    };
+  }
 
+  /** §2.4: the input's rank, and SyncBatchNorm's zero-channel check. Nothing changes. */
+  checkRank(shape: readonly number[]): void {
+    const rank = RANKS[this.config.kind];
+    if (!rank.ok(shape.length)) throw bnError('BN_ERR_INPUT_RANK', { expected: rank.expected, rank: shape.length });
+    if (this.config.kind === 'SYNC_BATCH_NORM' && shape[1] === 0) throw bnError('BN_ERR_ZERO_CHANNELS', {});
+  }
+
+  /** §3 step 5: the kernel's size checks for an input of `channels` channels, or null. */
+  sizeError(channels: number, plan: ForwardPlan) {
+    const check = (name: string, tensor: Float32Array | null, needed: boolean) => {
+      if (tensor !== null) {
+        if (tensor.length !== channels) return bnError('BN_ERR_CHANNEL_MISMATCH', { tensor: name, channels, length: tensor.length });
+      } else if (needed) {
+        return bnError('BN_ERR_BUFFER_UNDEFINED', { buffer: name });
+      }
+      return null;
+    };
+    return (
+      check('running_mean', plan.runningMean, !plan.bnTraining) ??
+      check('running_var', plan.runningVar, !plan.bnTraining) ??
+      check('weight', this.#weight, false) ??
+      check('bias', this.#bias, false)
+    );
+  }
+
+  /**
+   * module(x) in the current mode (§4). `shape` is x's shape; x is read and, with `save`, copied.
+   * The kernels run between validation and commit, so callers must not run two forwards of one
+   * module at once.
+   */
+  async forward(x: Float32Array, shape: readonly number[], kernels: Kernels, save = false): Promise<ForwardResult> {
+    // 1. Rank: nothing has changed yet.
+    this.checkRank(shape);
+    // 2–4. The counter moves now, before the checks that can still fail (PyTorch does the same).
+    const plan = this.plan();
+    const commitCounter = () => {
+      this.#nbt = plan.nbtAfter;
+    };
     // 5. One value per channel.
     const layout = layoutOf(shape);
-    if (bnTraining && layout.n * layout.s === 1) {
+    if (plan.bnTraining && layout.n * layout.s === 1) {
       commitCounter();
       throw bnError('BN_ERR_ONE_VALUE_PER_CHANNEL', { size: torchSize(shape) });
     }
@@ -250,53 +319,56 @@ export class BatchNorm {
     if (x.length === 0) {
       commitCounter();
       const empty = new Float64Array(layout.c);
-      const saved = save ? { shape: [...shape], x, mean: empty, invstd: empty, weight: this.#weight?.slice() ?? null, count: 0, batchStats: bnTraining } : null;
-      return { output: new Float32Array(0), saved };
+      return {
+        output: new Float32Array(0),
+        stats: { count: 0, mean: empty, invstd: empty },
+        saved: save ? this.#saved(shape, x, empty, empty, 0, plan.bnTraining) : null,
+      };
     }
     // 7. The kernel's size checks.
-    const channels = layout.c;
-    const sizeCheck = (name: string, tensor: Float32Array | null, needed: boolean) => {
-      if (tensor !== null) {
-        if (tensor.length !== channels) {
-          return bnError('BN_ERR_CHANNEL_MISMATCH', { tensor: name, channels, length: tensor.length });
-        }
-      } else if (needed) {
-        return bnError('BN_ERR_BUFFER_UNDEFINED', { buffer: name });
-      }
-      return null;
-    };
-    const sizeError =
-      sizeCheck('running_mean', rmIn, !bnTraining) ??
-      sizeCheck('running_var', rvIn, !bnTraining) ??
-      sizeCheck('weight', this.#weight, false) ??
-      sizeCheck('bias', this.#bias, false);
+    const sizeError = this.sizeError(layout.c, plan);
     if (sizeError) {
       commitCounter();
       throw sizeError;
     }
-
-    // 8. Statistics, then the normalisation with y = (x - mean) * invstd * w + b.
-    const eps = this.#eps;
-    let mean: Float64Array;
-    const invstd = new Float64Array(channels);
-    let newMean: Float32Array | null = null;
-    let newVar: Float32Array | null = null;
-    if (bnTraining) {
-      const stats = await kernels.stats(x, layout);
-      const count = layout.n * layout.s;
-      mean = stats.mean;
-      if (rmIn) newMean = new Float32Array(channels);
-      if (rvIn) newVar = new Float32Array(channels);
-      for (let ch = 0; ch < channels; ch++) {
-        const biased = stats.m2[ch]! / count;
-        invstd[ch] = biased === 0 && eps === 0 ? 0 : 1 / Math.sqrt(biased + eps);
-        if (newMean) newMean[ch] = factor * mean[ch]! + (1 - factor) * rmIn![ch]!;
-        if (newVar) newVar[ch] = factor * (stats.m2[ch]! / (count - 1)) + (1 - factor) * rvIn![ch]!;
-      }
+    // 8. Statistics (the batch's, or the running ones), then y = (x - mean) * invstd * w + b.
+    let stats: { mean: Float64Array; invstd: Float64Array; runningMean: Float32Array | null; runningVar: Float32Array | null };
+    const count = layout.n * layout.s;
+    if (plan.bnTraining) {
+      const batch = await kernels.stats(x, layout);
+      stats = this.#fromBatch(batch.mean, batch.m2, count, plan);
     } else {
-      mean = Float64Array.from(rmIn!);
-      for (let ch = 0; ch < channels; ch++) invstd[ch] = 1 / Math.sqrt(rvIn![ch]! + eps);
+      const mean = Float64Array.from(plan.runningMean!);
+      const invstd = Float64Array.from(plan.runningVar!, (v) => 1 / Math.sqrt(v + this.#eps));
+      stats = { mean, invstd, runningMean: null, runningVar: null };
     }
+    const y = await this.normalize(x, layout, stats.mean, stats.invstd, kernels);
+    const saved = save ? this.#saved(shape, x.slice(), stats.mean, stats.invstd, count, plan.bnTraining) : null;
+    // 9. Commit.
+    commitCounter();
+    this.#commitRunning(stats);
+    return { output: y, stats: { count, mean: stats.mean, invstd: stats.invstd }, saved };
+  }
+
+  /**
+   * Commits one step of a SyncBatchNorm group whose statistics were pooled: the merged count,
+   * mean and sum of squared deviations of the whole group's batch. As BatchNorm over the
+   * concatenated batch: the counter moves, the buffers are updated from the merged statistics, and
+   * a group batch with no values (every rank empty) leaves the buffers alone. A group batch of one
+   * value per channel is refused and changes nothing. Returns the statistics to normalise with.
+   */
+  commitGroupStep(merged: { count: number; mean: Float64Array; m2: Float64Array }, plan: ForwardPlan, size: string): { mean: Float64Array; invstd: Float64Array } {
+    if (merged.count === 1) throw bnError('BN_ERR_ONE_VALUE_PER_CHANNEL', { size });
+    this.#nbt = plan.nbtAfter;
+    if (merged.count === 0) return { mean: merged.mean, invstd: new Float64Array(merged.mean.length) };
+    const stats = this.#fromBatch(merged.mean, merged.m2, merged.count, plan);
+    this.#commitRunning(stats);
+    return stats;
+  }
+
+  /** y = (x − mean) · invstd · w + b, with the weight and bias as they are now. */
+  async normalize(x: Float32Array, layout: Layout, mean: Float64Array, invstd: Float64Array, kernels: Kernels): Promise<Float32Array> {
+    const channels = layout.c;
     const scale = new Float64Array(channels);
     const shift = new Float64Array(channels);
     for (let ch = 0; ch < channels; ch++) {
@@ -305,24 +377,40 @@ export class BatchNorm {
     }
     const y = await kernels.normalize(x, layout, { mean, scale, shift });
     applyNonFiniteScale(x, y, layout, mean, scale, shift);
+    return y;
+  }
 
-    const saved: SavedForward | null = save
-      ? {
-          shape: [...shape],
-          x: x.slice(),
-          mean,
-          invstd,
-          weight: this.#weight?.slice() ?? null,
-          count: layout.n * layout.s,
-          batchStats: bnTraining,
-        }
-      : null;
+  /** What backward needs; `x` must already be the module's own copy. */
+  savedFor(shape: readonly number[], x: Float32Array, mean: Float64Array, invstd: Float64Array, count: number, batchStats: boolean): SavedForward {
+    return this.#saved(shape, x, mean, invstd, count, batchStats);
+  }
 
-    // 9. Commit.
-    commitCounter();
-    if (newMean) this.#runningMean = newMean;
-    if (newVar) this.#runningVar = newVar;
-    return { output: y, saved };
+  #saved(shape: readonly number[], x: Float32Array, mean: Float64Array, invstd: Float64Array, count: number, batchStats: boolean): SavedForward {
+    return { shape: [...shape], x, mean, invstd, weight: this.#weight?.slice() ?? null, count, batchStats };
+  }
+
+  /** invstd from batch statistics, with the eps = 0 guard, and the buffers' new values. */
+  #fromBatch(mean: Float64Array, m2: Float64Array, count: number, plan: ForwardPlan) {
+    const eps = this.#eps;
+    const channels = mean.length;
+    const invstd = new Float64Array(channels);
+    const rm = plan.runningMean;
+    const rv = plan.runningVar;
+    const runningMean = rm ? new Float32Array(channels) : null;
+    const runningVar = rv ? new Float32Array(channels) : null;
+    const m = plan.factor;
+    for (let ch = 0; ch < channels; ch++) {
+      const biased = m2[ch]! / count;
+      invstd[ch] = biased === 0 && eps === 0 ? 0 : 1 / Math.sqrt(biased + eps);
+      if (runningMean) runningMean[ch] = m * mean[ch]! + (1 - m) * rm![ch]!;
+      if (runningVar) runningVar[ch] = m * (m2[ch]! / (count - 1)) + (1 - m) * rv![ch]!;
+    }
+    return { mean, invstd, runningMean, runningVar };
+  }
+
+  #commitRunning(stats: { runningMean: Float32Array | null; runningVar: Float32Array | null }): void {
+    if (stats.runningMean) this.#runningMean = stats.runningMean;
+    if (stats.runningVar) this.#runningVar = stats.runningVar;
   }
 }
 
@@ -350,24 +438,37 @@ function applyNonFiniteScale(
   }
 }
 
+/** autograd's check that grad_output has the output's shape. */
+export function checkGradShape(saved: SavedForward, dyShape: readonly number[]): void {
+  if (dyShape.length !== saved.shape.length || dyShape.some((d, i) => d !== saved.shape[i])) {
+    throw bnError('BN_ERR_GRAD_SHAPE', { given: torchSize(dyShape), expected: torchSize(saved.shape) });
+  }
+}
+
+/** This shard's S1 = Σ dy and S2 = Σ dy·(x − μ); zeros for an empty shard. */
+export async function localGradSums(saved: SavedForward, dy: Float32Array, kernels: Kernels): Promise<GradSums> {
+  const layout = layoutOf(saved.shape);
+  if (saved.x.length === 0) return { sumDy: new Float64Array(layout.c), sumDyXmu: new Float64Array(layout.c) };
+  return kernels.gradSums(saved.x, dy, layout, saved.mean);
+}
+
 /**
  * The gradients of a saved forward (batchnorm-semantics.md §6). With batch statistics the
  * gradient also flows through the mean and variance:
  *   grad_input = w · invstd · (dy − S1/n − (x − μ) · invstd² · S2/n)
  * with running statistics it does not: grad_input = dy · w · invstd. In both,
  * grad_weight = S2 · invstd and grad_bias = S1, where S1 = Σ dy and S2 = Σ dy · (x − μ).
- * `sums` overrides S1, S2 and n with a group's totals (SyncBatchNorm).
+ * `sums.group` replaces S1, S2 and n with a group's totals (SyncBatchNorm); `sums.local` passes
+ * this shard's sums when they are known already.
  */
 export async function backward(
   saved: SavedForward,
   dy: Float32Array,
   dyShape: readonly number[],
   kernels: Kernels,
-  group?: { sumDy: Float64Array; sumDyXmu: Float64Array; count: number },
-): Promise<Gradients & { local: { sumDy: Float64Array; sumDyXmu: Float64Array } }> {
-  if (dyShape.length !== saved.shape.length || dyShape.some((d, i) => d !== saved.shape[i])) {
-    throw bnError('BN_ERR_GRAD_SHAPE', { given: torchSize(dyShape), expected: torchSize(saved.shape) });
-  }
+  sums: { local?: GradSums; group?: GradSums & { count: number } } = {},
+): Promise<Gradients & { local: GradSums }> {
+  checkGradShape(saved, dyShape);
   const layout = layoutOf(saved.shape);
   const channels = layout.c;
   const w = saved.weight;
@@ -376,7 +477,8 @@ export async function backward(
     const zeros = new Float64Array(channels);
     return { gradInput: new Float32Array(0), gradWeight: parameterGrads(zeros), gradBias: parameterGrads(zeros), local: { sumDy: zeros, sumDyXmu: zeros } };
   }
-  const local = await kernels.gradSums(saved.x, dy, layout, saved.mean);
+  const local = sums.local ?? (await localGradSums(saved, dy, kernels));
+  const group = sums.group;
   const s1 = group?.sumDy ?? local.sumDy;
   const s2 = group?.sumDyXmu ?? local.sumDyXmu;
   const n = group?.count ?? saved.count;

@@ -20,6 +20,13 @@ export const DEFAULT_MOMENTUM = 0.1;
 /** Channels per module; far above any real network, low enough to bound per-module memory. */
 export const MAX_NUM_FEATURES = 1 << 20;
 
+export const SYNC_RULES = ['SYNC_WHEN_BATCH_STATS', 'SYNC_WHEN_TRAINING'] as const;
+/** When a SyncBatchNorm group pools statistics: PR #44445's rule, or PyTorch 1.9's. */
+export type SyncRule = (typeof SYNC_RULES)[number];
+
+/** Ranks in one SyncBatchNorm group, at most. */
+export const MAX_WORLD_SIZE = 4096;
+
 /** What the PyTorch constructor takes. `momentum: null` is PyTorch's `momentum=None`. */
 export interface ModuleConfig {
   readonly kind: ModuleKind;
@@ -28,6 +35,9 @@ export interface ModuleConfig {
   readonly momentum: number | null;
   readonly affine: boolean;
   readonly trackRunningStats: boolean;
+  /** The group's size (SyncBatchNorm's process group); 1 for every other kind. */
+  readonly worldSize: number;
+  readonly syncRule: SyncRule;
 }
 
 /** A config as a client states it: unset fields are undefined. */
@@ -39,6 +49,18 @@ export interface ModuleConfigInput {
   cumulativeAverage: boolean;
   affine?: boolean | undefined;
   trackRunningStats?: boolean | undefined;
+  /** 0 or undefined: 1. */
+  worldSize?: number | undefined;
+  syncRule?: SyncRule | undefined;
+}
+
+/** Checks a group's size and rule for a module of `kind`. */
+export function checkGroup(kind: ModuleKind, worldSize: number, detail: (text: string) => Error): number {
+  if (!Number.isInteger(worldSize) || worldSize < 1 || worldSize > MAX_WORLD_SIZE) {
+    throw detail(`world_size must be between 1 and ${MAX_WORLD_SIZE}, got ${worldSize}`);
+  }
+  if (kind !== 'SYNC_BATCH_NORM' && worldSize !== 1) throw detail(`world_size is for SYNC_BATCH_NORM modules; a ${kind} has one rank`);
+  return worldSize;
 }
 
 export function checkEps(eps: number, detail: (text: string) => Error): number {
@@ -73,6 +95,8 @@ export function resolveConfig(input: ModuleConfigInput): ModuleConfig {
         : checkMomentum(input.momentum, configError),
     affine: input.affine ?? true,
     trackRunningStats: input.trackRunningStats ?? true,
+    worldSize: checkGroup(input.kind, input.worldSize || 1, configError),
+    syncRule: input.syncRule ?? 'SYNC_WHEN_BATCH_STATS',
   };
 }
 
