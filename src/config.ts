@@ -79,6 +79,20 @@ export const SETTINGS = {
     schema: int(1, 86_400_000),
     description: 'How long a saved forward waits for its backward (5 minutes).',
   },
+  stepTimeoutMs: {
+    flag: 'step-timeout-ms',
+    env: 'NORMSERVE_STEP_TIMEOUT_MS',
+    default: 60_000,
+    schema: int(1, 86_400_000),
+    description: 'How long a SyncBatchNorm step waits for all its ranks before it is aborted.',
+  },
+  stepResultsKept: {
+    flag: 'step-results-kept',
+    env: 'NORMSERVE_STEP_RESULTS_KEPT',
+    default: 16,
+    schema: int(1, 10_000),
+    description: 'Completed SyncBatchNorm steps per group and phase whose results are kept for retries.',
+  },
   shutdownGraceMs: {
     flag: 'shutdown-grace-ms',
     env: 'NORMSERVE_SHUTDOWN_GRACE_MS',

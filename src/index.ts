@@ -12,6 +12,9 @@ export type {
   ModuleSpec,
   ServingStatus,
   StateDict,
+  StepRef,
+  StepStats,
+  SyncRule,
   TensorData,
 } from './client/client.js';
 export { catalogue, Status, type ErrorCode } from './errors.js';

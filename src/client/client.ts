@@ -37,9 +37,30 @@ export interface Gradients {
   gradBias: Float32Array | null;
 }
 
+export type SyncRule = 'SYNC_WHEN_BATCH_STATS' | 'SYNC_WHEN_TRAINING';
+
+/** Which step of which group a SyncBatchNorm call is part of. */
+export interface StepRef {
+  step: number | bigint;
+  rank: number;
+  worldSize: number;
+}
+
+/** Statistics the group normalises with (the group's, or this rank's own when it did not sync). */
+export interface StepStats {
+  count: number;
+  mean: Float64Array;
+  invstd: Float64Array;
+  synced: boolean;
+}
+
 export interface ModuleSpec {
   kind: ModuleKind;
   numFeatures: number;
+  /** SYNC_BATCH_NORM: ranks in the group (default 1). */
+  worldSize?: number;
+  /** SYNC_BATCH_NORM: when the group pools statistics (default SYNC_WHEN_BATCH_STATS, PR #44445). */
+  syncRule?: SyncRule;
   eps?: number;
   /** null is PyTorch's momentum=None (cumulative average). */
   momentum?: number | null;
@@ -63,6 +84,8 @@ export interface ModuleInfo {
   hasRunningMean: boolean;
   hasRunningVar: boolean;
   repr: string;
+  worldSize: number;
+  syncRule: SyncRule;
 }
 
 export type BufferName = 'running_mean' | 'running_var' | 'num_batches_tracked';
@@ -151,6 +174,8 @@ function moduleFromWire(m: Module__Output): ModuleInfo {
     hasRunningMean: m.has_running_mean,
     hasRunningVar: m.has_running_var,
     repr: m.repr,
+    worldSize: c.world_size || 1,
+    syncRule: c.sync_rule === 'SYNC_WHEN_TRAINING' ? 'SYNC_WHEN_TRAINING' : 'SYNC_WHEN_BATCH_STATS',
   };
 }
 
@@ -170,8 +195,12 @@ const HealthClient = makeGenericClientConstructor(healthService as never, 'Healt
 
 export type ServingStatus = 'UNKNOWN' | 'SERVING' | 'NOT_SERVING' | 'SERVICE_UNKNOWN';
 
+const stepFields = (ref: StepRef) => ({ step: String(ref.step), rank: ref.rank, world_size: ref.worldSize });
+const f64 = (values: number[]) => Float64Array.from(values);
+
 export class NormserveClient {
   readonly #stub: BatchNormServiceClient;
+  readonly #sync: Client;
   readonly #health: Client;
   readonly #deadlineMs: number | undefined;
 
@@ -181,8 +210,10 @@ export class NormserveClient {
       'grpc.max_send_message_length': -1,
       ...options.channelOptions,
     });
-    // The health client shares the stub's channel.
-    this.#health = new HealthClient(address, grpcCredentials.createInsecure(), { channelOverride: this.#stub.getChannel() });
+    // The other services' clients share the stub's channel.
+    const shared = { channelOverride: this.#stub.getChannel() };
+    this.#health = new HealthClient(address, grpcCredentials.createInsecure(), shared);
+    this.#sync = new grpcObject.normserve.v1.SyncBatchNormService(address, grpcCredentials.createInsecure(), shared);
     this.#deadlineMs = options.deadlineMs;
   }
 
@@ -204,6 +235,8 @@ export class NormserveClient {
       ...(spec.momentum === null ? { cumulative_average: true } : spec.momentum === undefined ? {} : { momentum: spec.momentum }),
       ...(spec.affine === undefined ? {} : { affine: spec.affine }),
       ...(spec.trackRunningStats === undefined ? {} : { track_running_stats: spec.trackRunningStats }),
+      ...(spec.worldSize === undefined ? {} : { world_size: spec.worldSize }),
+      ...(spec.syncRule === undefined ? {} : { sync_rule: spec.syncRule }),
     };
     return moduleFromWire(await this.#call<Module__Output>('CreateModule', { name, config }));
   }
@@ -295,6 +328,74 @@ export class NormserveClient {
       gradWeight: r.grad_weight ? tensorFromWire(r.grad_weight).data : null,
       gradBias: r.grad_bias ? tensorFromWire(r.grad_bias).data : null,
     };
+  }
+
+  /** SyncBatchNorm, full-shard mode: this rank's shard normalised with the group's statistics. */
+  async syncForward(
+    name: string,
+    ref: StepRef,
+    input: TensorData,
+    options: { saveForBackward?: boolean } = {},
+  ): Promise<{ output: TensorData; contextId: string } & StepStats> {
+    const r = await this.#call<{ output: Tensor__Output; context_id: string; count: string; mean: number[]; invstd: number[]; synced: boolean }>(
+      'SyncForward',
+      { name, ...stepFields(ref), input: encodeTensor(input.shape, input.data), save_for_backward: options.saveForBackward ?? false },
+      this.#sync,
+    );
+    return { output: tensorFromWire(r.output), contextId: r.context_id, count: Number(r.count), mean: f64(r.mean), invstd: f64(r.invstd), synced: r.synced };
+  }
+
+  /** SyncBatchNorm backward: the input gradient from the group's sums; partial and total parameter gradients. */
+  async syncBackward(
+    name: string,
+    ref: StepRef,
+    contextId: string,
+    gradOutput: TensorData,
+    options: { retainContext?: boolean } = {},
+  ): Promise<Gradients & { gradWeightTotal: Float32Array | null; gradBiasTotal: Float32Array | null }> {
+    type Maybe = Tensor__Output | null | undefined;
+    const r = await this.#call<{ grad_input: Tensor__Output; grad_weight?: Maybe; grad_bias?: Maybe; grad_weight_total?: Maybe; grad_bias_total?: Maybe }>(
+      'SyncBackward',
+      { name, ...stepFields(ref), context_id: contextId, grad_output: encodeTensor(gradOutput.shape, gradOutput.data), retain_context: options.retainContext ?? false },
+      this.#sync,
+    );
+    const vec = (t: Maybe) => (t ? tensorFromWire(t).data : null);
+    return {
+      gradInput: tensorFromWire(r.grad_input),
+      gradWeight: vec(r.grad_weight),
+      gradBias: vec(r.grad_bias),
+      gradWeightTotal: vec(r.grad_weight_total),
+      gradBiasTotal: vec(r.grad_bias_total),
+    };
+  }
+
+  /** SyncBatchNorm, statistics-only mode: this rank's count, mean and biased variance in; the group's out. */
+  async gatherStats(name: string, ref: StepRef, stats: { count: number; mean: ArrayLike<number>; var: ArrayLike<number> }): Promise<StepStats & { var: Float64Array }> {
+    const r = await this.#call<{ count: string; mean: number[]; var: number[]; invstd: number[]; synced: boolean }>(
+      'GatherStats',
+      { name, ...stepFields(ref), count: String(stats.count), mean: Array.from(stats.mean), var: Array.from(stats.var) },
+      this.#sync,
+    );
+    return { count: Number(r.count), mean: f64(r.mean), var: f64(r.var), invstd: f64(r.invstd), synced: r.synced };
+  }
+
+  /** SyncBatchNorm, statistics-only backward: the group's Σ dy and Σ dy·(x − mean), and its count. */
+  async reduceGrads(
+    name: string,
+    ref: StepRef,
+    sums: { sumDy: ArrayLike<number>; sumDyXmu: ArrayLike<number> },
+  ): Promise<{ sumDy: Float64Array; sumDyXmu: Float64Array; count: number }> {
+    const r = await this.#call<{ sum_dy: number[]; sum_dy_xmu: number[]; count: string }>(
+      'ReduceGrads',
+      { name, ...stepFields(ref), sum_dy: Array.from(sums.sumDy), sum_dy_xmu: Array.from(sums.sumDyXmu) },
+      this.#sync,
+    );
+    return { sumDy: f64(r.sum_dy), sumDyXmu: f64(r.sum_dy_xmu), count: Number(r.count) };
+  }
+
+  /** convert_sync_batchnorm for one module, in place, keeping its state and training flag. */
+  async convertToSync(name: string, worldSize: number, syncRule?: SyncRule): Promise<ModuleInfo> {
+    return moduleFromWire(await this.#call<Module__Output>('ConvertToSync', { name, world_size: worldSize, sync_rule: syncRule ?? 'SYNC_RULE_UNSPECIFIED' }, this.#sync));
   }
 
   #call<T>(method: string, request: object, stub: object = this.#stub): Promise<T> {

@@ -17,9 +17,22 @@ export interface Eviction {
   readonly reason: GoneReason;
 }
 
-interface Entry {
-  readonly module: string;
+/** Where a SyncForward's context belongs in its group. */
+export interface GroupTag {
+  readonly step: bigint;
+  readonly rank: number;
+  /** Whether the forward pooled the group's statistics (then backward pools its sums). */
+  readonly synced: boolean;
+}
+
+export interface StoredContext {
   readonly saved: SavedForward;
+  /** Set for contexts saved by SyncForward. */
+  readonly group: GroupTag | undefined;
+}
+
+interface Entry extends StoredContext {
+  readonly module: string;
   readonly bytes: number;
   readonly expiresAt: number;
 }
@@ -66,7 +79,7 @@ export class ContextStore {
   }
 
   /** Keeps `saved` for a later backward of `module`; returns its id. */
-  put(module: string, saved: SavedForward): string {
+  put(module: string, saved: SavedForward, group?: GroupTag): string {
     const bytes = savedBytes(saved);
     this.checkFits(bytes);
     this.sweep();
@@ -75,19 +88,19 @@ export class ContextStore {
       this.#drop(id, entry, 'evicted');
     }
     const id = randomUUID();
-    this.#entries.set(id, { module, saved, bytes, expiresAt: this.now() + this.ttlMs });
+    this.#entries.set(id, { module, saved, group, bytes, expiresAt: this.now() + this.ttlMs });
     this.#bytes += bytes;
     return id;
   }
 
   /** The saved forward for a backward of `module`. */
-  get(id: string, module: string): SavedForward {
+  get(id: string, module: string): StoredContext {
     const entry = this.#entries.get(id);
     if (entry && entry.expiresAt <= this.now()) {
       this.#drop(id, entry, 'expired');
     } else if (entry) {
       if (entry.module !== module) throw bnError('BN_ERR_CONTEXT_NOT_FOUND', { id, why: `it belongs to module '${entry.module}', not '${module}'` });
-      return entry.saved;
+      return entry;
     }
     const gone = this.#gone.get(id);
     const why =

@@ -2,8 +2,7 @@
  * normserve.v1.BatchNormService: decode the request, run the module operation, encode the reply.
  * Handlers throw catalogue errors; `unary` turns them into statuses.
  */
-import type { Server, ServerUnaryCall, sendUnaryData, UntypedServiceImplementation } from '@grpc/grpc-js';
-import type { Logger } from 'pino';
+import type { Server, UntypedServiceImplementation } from '@grpc/grpc-js';
 import type { BatchNormServiceHandlers } from '../generated/normserve/v1/BatchNormService.js';
 import { bnError } from '../errors.js';
 import type { Kernels } from '../kernels/kernels.js';
@@ -13,41 +12,20 @@ import type { ModuleRegistry } from '../registry/module-registry.js';
 import { configFromWire, loadInputFromWire, moduleToWire, stateToWire, updateFromWire } from '../wire/convert.js';
 import { batchNormService } from '../wire/proto.js';
 import { decodeTensor, encodeTensor } from '../wire/tensor-codec.js';
-import { toServiceError } from './status.js';
+import type { Coordinator } from '../sync/coordinator.js';
+import { unaryWith, type CallContext } from './unary.js';
 
-export interface BatchNormServiceDeps {
+export interface BatchNormServiceDeps extends CallContext {
   readonly registry: ModuleRegistry;
   readonly contexts: ContextStore;
+  readonly coordinator: Coordinator;
   readonly kernels: Kernels;
   readonly maxTensorElements: number;
-  readonly logger: Logger;
-  /** True once shutdown has begun: new calls are refused with UNAVAILABLE. */
-  readonly draining: () => boolean;
-  /** Counts handlers running, for the drain. */
-  readonly inFlight: { count: number };
 }
 
-type Handler<Req, Res> = (request: Req, call: ServerUnaryCall<Req, Res>) => Res | Promise<Res>;
-
 export function addBatchNormService(server: Server, deps: BatchNormServiceDeps): void {
-  const { registry, contexts, kernels, maxTensorElements, logger } = deps;
-
-  function unary<Req, Res>(handler: Handler<Req, Res>) {
-    return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
-      if (deps.draining()) {
-        callback(toServiceError(bnError('BN_ERR_SHUTTING_DOWN', {}), logger));
-        return;
-      }
-      deps.inFlight.count++;
-      Promise.resolve()
-        .then(() => handler(call.request, call))
-        .then(
-          (response) => callback(null, response),
-          (err: unknown) => callback(toServiceError(err, logger)),
-        )
-        .finally(() => deps.inFlight.count--);
-    };
-  }
+  const { registry, contexts, coordinator, kernels, maxTensorElements } = deps;
+  const unary = unaryWith(deps);
 
   const handlers: BatchNormServiceHandlers = {
     CreateModule: unary((req) => {
@@ -63,6 +41,7 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
     DeleteModule: unary(async (req) => {
       await registry.delete(req.name);
       contexts.dropModule(req.name);
+      coordinator.drop(req.name, `module '${req.name}' was deleted`);
       return {};
     }),
     UpdateModule: unary((req) => {
@@ -96,7 +75,10 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
       });
     }),
     Forward: unary((req) => {
-      registry.get(req.name);
+      const target = registry.get(req.name);
+      if (target.config.worldSize > 1 && target.needsSync(target.plan())) {
+        throw bnError('BN_ERR_USE_SYNC', { name: req.name, worldSize: target.config.worldSize, method: 'SyncForward' });
+      }
       const input = decodeTensor(req.input, { field: 'input', maxElements: maxTensorElements, accept: ['FLOAT32'] });
       if (req.save_for_backward) contexts.checkFits(savedBytesFor(input.data.length, input.shape[1] ?? 0));
       return registry.exclusive(req.name, async (module) => {
@@ -106,9 +88,12 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
       });
     }),
     Backward: unary(async (req) => {
-      registry.get(req.name);
+      const target = registry.get(req.name);
       const dy = decodeTensor(req.grad_output, { field: 'grad_output', maxElements: maxTensorElements, accept: ['FLOAT32'] });
-      const saved = contexts.get(req.context_id, req.name);
+      const { saved, group } = contexts.get(req.context_id, req.name);
+      if (group?.synced) {
+        throw bnError('BN_ERR_USE_SYNC', { name: req.name, worldSize: target.config.worldSize, method: 'SyncBackward' });
+      }
       const grads = await backward(saved, dy.data, dy.shape, kernels);
       if (!req.retain_context) contexts.release(req.context_id);
       return {

@@ -11,16 +11,21 @@ import type { Kernels } from '../kernels/kernels.js';
 import { ContextStore } from '../registry/context-store.js';
 import { ModuleRegistry } from '../registry/module-registry.js';
 import { packageDefinition } from '../wire/proto.js';
+import { bnError } from '../errors.js';
+import { Coordinator } from '../sync/coordinator.js';
 import { addBatchNormService } from './batch-norm-service.js';
+import { addSyncBatchNormService } from './sync-batch-norm-service.js';
 import { callLogInterceptor } from './call-log.js';
 
 export const BATCH_NORM_SERVICE_NAME = 'normserve.v1.BatchNormService';
+export const SYNC_SERVICE_NAME = 'normserve.v1.SyncBatchNormService';
 
 export interface RunningServer {
   readonly port: number;
   readonly registry: ModuleRegistry;
   readonly contexts: ContextStore;
-  /** BatchNormService calls being handled now. */
+  readonly coordinator: Coordinator;
+  /** Calls being handled now. */
   inFlight(): number;
   /**
    * Health NOT_SERVING, new calls refused with UNAVAILABLE, calls in flight given `graceMs` to
@@ -35,7 +40,10 @@ export interface ServerDeps {
 }
 
 export async function startServer(
-  config: Pick<Config, 'host' | 'port' | 'maxMessageBytes' | 'maxTensorElements' | 'maxModules' | 'contextBudgetBytes' | 'contextTtlMs'>,
+  config: Pick<
+    Config,
+    'host' | 'port' | 'maxMessageBytes' | 'maxTensorElements' | 'maxModules' | 'contextBudgetBytes' | 'contextTtlMs' | 'stepTimeoutMs' | 'stepResultsKept'
+  >,
   { kernels, logger }: ServerDeps,
 ): Promise<RunningServer> {
   const server = new Server({
@@ -47,18 +55,22 @@ export async function startServer(
   const contexts = new ContextStore(config.contextBudgetBytes, config.contextTtlMs, (e) =>
     logger.warn({ module: e.module, context_id: e.id, bytes: e.bytes, reason: e.reason }, 'saved context dropped before its backward'),
   );
+  const coordinator = new Coordinator(registry, { stepTimeoutMs: config.stepTimeoutMs, keepSteps: config.stepResultsKept });
   let draining = false;
-  const inFlight = { count: 0 };
-  addBatchNormService(server, {
+  const deps = {
     registry,
     contexts,
+    coordinator,
     kernels,
     maxTensorElements: config.maxTensorElements,
     logger,
     draining: () => draining,
-    inFlight,
-  });
-  const health = new HealthImplementation({ '': 'NOT_SERVING', [BATCH_NORM_SERVICE_NAME]: 'NOT_SERVING' });
+    inFlight: { count: 0 },
+  };
+  addBatchNormService(server, deps);
+  addSyncBatchNormService(server, deps);
+  const services = ['', BATCH_NORM_SERVICE_NAME, SYNC_SERVICE_NAME];
+  const health = new HealthImplementation(Object.fromEntries(services.map((s) => [s, 'NOT_SERVING' as const])));
   health.addToServer(server);
   new ReflectionService(packageDefinition).addToServer(server);
 
@@ -66,15 +78,15 @@ export async function startServer(
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync(`${host}:${config.port}`, ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound))),
   );
-  health.setStatus('', 'SERVING');
-  health.setStatus(BATCH_NORM_SERVICE_NAME, 'SERVING');
+  for (const s of services) health.setStatus(s, 'SERVING');
 
   let closing: Promise<void> | undefined;
   const shutdown = (graceMs: number) => {
     closing ??= (async () => {
       draining = true;
-      health.setStatus('', 'NOT_SERVING');
-      health.setStatus(BATCH_NORM_SERVICE_NAME, 'NOT_SERVING');
+      for (const s of services) health.setStatus(s, 'NOT_SERVING');
+      // Ranks waiting in a step would wait out the grace period: end their steps now.
+      coordinator.abortAll(bnError('BN_ERR_SHUTTING_DOWN', {}));
       await new Promise<void>((resolve) => {
         // tryShutdown can hang on half-closed streams (grpc-node #1458, #1664): force after the grace.
         const timer = setTimeout(() => {
@@ -92,5 +104,5 @@ export async function startServer(
     })();
     return closing;
   };
-  return { port, registry, contexts, inFlight: () => inFlight.count, shutdown };
+  return { port, registry, contexts, coordinator, inFlight: () => deps.inFlight.count, shutdown };
 }

@@ -8,7 +8,7 @@ import type { ModuleState, ModuleState__Output } from '../generated/normserve/v1
 import type { UpdateModuleRequest__Output } from '../generated/normserve/v1/UpdateModuleRequest.js';
 import { bnError } from '../errors.js';
 import type { BatchNorm, BufferName, ModuleUpdate } from '../nn/batch-norm.js';
-import { MODULE_KINDS, resolveConfig, type ModuleConfig, type ModuleKind } from '../nn/config.js';
+import { MODULE_KINDS, resolveConfig, type ModuleConfig, type ModuleKind, type SyncRule } from '../nn/config.js';
 import type { LoadInput } from '../nn/state-dict.js';
 import { decodeTensor, encodeTensor } from './tensor-codec.js';
 
@@ -27,7 +27,15 @@ export function configFromWire(c: ModuleConfig__Output | null | undefined): Modu
     cumulativeAverage: c.cumulative_average,
     affine: c.affine,
     trackRunningStats: c.track_running_stats,
+    worldSize: c.world_size,
+    syncRule: syncRuleFromWire(c.sync_rule),
   });
+}
+
+export function syncRuleFromWire(rule: string | number | undefined): SyncRule {
+  if (rule === undefined || rule === 'SYNC_RULE_UNSPECIFIED' || rule === 'SYNC_WHEN_BATCH_STATS') return 'SYNC_WHEN_BATCH_STATS';
+  if (rule === 'SYNC_WHEN_TRAINING') return 'SYNC_WHEN_TRAINING';
+  throw bnError('BN_ERR_INVALID_CONFIG', { detail: `sync_rule must be SYNC_WHEN_BATCH_STATS or SYNC_WHEN_TRAINING, got ${String(rule)}` }, 'sync_rule');
 }
 
 const BUFFER_BY_ENUM: Readonly<Record<string, BufferName>> = {
@@ -81,6 +89,8 @@ export function moduleToWire(name: string, module: BatchNorm): Module {
       ...(s.momentum === null ? { cumulative_average: true } : { momentum: s.momentum, cumulative_average: false }),
       affine: c.affine,
       track_running_stats: c.trackRunningStats,
+      world_size: c.worldSize,
+      sync_rule: c.kind === 'SYNC_BATCH_NORM' ? c.syncRule : 'SYNC_RULE_UNSPECIFIED',
     },
     training: s.training,
     track_running_stats: s.trackRunningStats,

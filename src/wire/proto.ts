@@ -9,6 +9,7 @@ import { loadPackageDefinition, type GrpcObject } from '@grpc/grpc-js';
 import { loadSync, type Options } from '@grpc/proto-loader';
 import protobuf from 'protobufjs';
 import type { ProtoGrpcType } from '../generated/batch_norm.js';
+import type { ProtoGrpcType as SyncProtoGrpcType } from '../generated/sync_batch_norm.js';
 
 function findProtoDir(): string {
   let dir = dirname(fileURLToPath(import.meta.url));
@@ -23,7 +24,7 @@ function findProtoDir(): string {
 
 /** The directory holding normserve/v1/*.proto and google/rpc/*.proto. */
 export const PROTO_DIR = findProtoDir();
-export const BATCH_NORM_PROTO = 'normserve/v1/batch_norm.proto';
+export const PROTO_FILES = ['normserve/v1/batch_norm.proto', 'normserve/v1/sync_batch_norm.proto'];
 
 export const LOADER_OPTIONS: Options = {
   keepCase: true,
@@ -34,9 +35,10 @@ export const LOADER_OPTIONS: Options = {
   includeDirs: [PROTO_DIR],
 };
 
-export const packageDefinition = loadSync([BATCH_NORM_PROTO], LOADER_OPTIONS);
-export const grpcObject = loadPackageDefinition(packageDefinition) as unknown as ProtoGrpcType & GrpcObject;
+export const packageDefinition = loadSync(PROTO_FILES, LOADER_OPTIONS);
+export const grpcObject = loadPackageDefinition(packageDefinition) as unknown as ProtoGrpcType & SyncProtoGrpcType & GrpcObject;
 export const batchNormService = grpcObject.normserve.v1.BatchNormService.service;
+export const syncBatchNormService = grpcObject.normserve.v1.SyncBatchNormService.service;
 
 const rpcRoot = new protobuf.Root().loadSync(
   ['google/rpc/status.proto', 'google/rpc/error_details.proto'].map((p) => join(PROTO_DIR, p)),

@@ -1,0 +1,40 @@
+/**
+ * The wrapper every unary handler runs in: refuse new calls while draining, count calls in
+ * flight, turn thrown errors into statuses, and give the handler an AbortSignal that fires when
+ * the client cancels or its deadline passes.
+ */
+import type { ServerUnaryCall, sendUnaryData } from '@grpc/grpc-js';
+import type { Logger } from 'pino';
+import { bnError } from '../errors.js';
+import { toServiceError } from './status.js';
+
+export interface CallContext {
+  readonly logger: Logger;
+  /** True once shutdown has begun: new calls are refused with UNAVAILABLE. */
+  readonly draining: () => boolean;
+  /** Counts handlers running, for the drain. */
+  readonly inFlight: { count: number };
+}
+
+export type Handler<Req, Res> = (request: Req, signal: AbortSignal) => Res | Promise<Res>;
+
+export function unaryWith(ctx: CallContext) {
+  return function unary<Req, Res>(handler: Handler<Req, Res>) {
+    return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
+      if (ctx.draining()) {
+        callback(toServiceError(bnError('BN_ERR_SHUTTING_DOWN', {}), ctx.logger));
+        return;
+      }
+      const cancel = new AbortController();
+      call.once('cancelled', () => cancel.abort());
+      ctx.inFlight.count++;
+      Promise.resolve()
+        .then(() => handler(call.request, cancel.signal))
+        .then(
+          (response) => callback(null, response),
+          (err: unknown) => callback(toServiceError(err, ctx.logger)),
+        )
+        .finally(() => ctx.inFlight.count--);
+    };
+  };
+}
