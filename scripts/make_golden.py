@@ -388,6 +388,10 @@ def momentum():
         s.update(training=False).forward(s.data(shape))
         out.append(s)
 
+    s = Scenario("momentum-none-counter-cleared", "momentum=None with the counter set to None: the factor stays 0 and the buffers never move", "BATCH_NORM_1D", momentum=None)
+    s.forward(s.data((4, 3))).update(clear=("num_batches_tracked",)).forward(s.data((4, 3))).forward(s.data((4, 3)))
+    out.append(s)
+
     s = Scenario("momentum-none-loaded-counter", "momentum=None after loading num_batches_tracked=4: the next factor is 1/5", "BATCH_NORM_2D", momentum=None)
     w, b = s.params()
     s.load({"weight": w, "bias": b, "running_mean": torch.randn(3), "running_var": torch.rand(3) + 0.5, "num_batches_tracked": 4})
@@ -521,6 +525,13 @@ def errors():
         s.forward(s.data((3, 3, 2, 2))).update(clear=(name,))
         s.forward(s.data((3, 3, 2, 2))).update(training=False).forward(s.data((3, 3, 2, 2)))
         out.append(s)
+
+    s = Scenario("error-order-cleared-mean-wrong-channels", "eval checks buffer by buffer: running_mean missing comes before running_var's size", "BATCH_NORM_2D")
+    s.forward(s.data((3, 3, 2, 2))).update(training=False, clear=("running_mean",)).forward(s.data((3, 4, 2, 2)))
+    out.append(s)
+    s = Scenario("error-order-cleared-var-wrong-channels", "eval checks buffer by buffer: running_mean's size comes before running_var missing", "BATCH_NORM_2D")
+    s.forward(s.data((3, 3, 2, 2))).update(training=False, clear=("running_var",)).forward(s.data((3, 4, 2, 2)))
+    out.append(s)
 
     s = Scenario("error-sync-zero-channels", "SyncBatchNorm refuses zero input channels", "SYNC_BATCH_NORM")
     s.forward(s.data((2, 0, 3))).update(training=False).forward(s.data((2, 0)))
@@ -703,6 +714,220 @@ def backward():
     return out
 
 
+class SyncScenario:
+    """A SyncBatchNorm group of len(shards) ranks, checked against BatchNorm over the concatenated
+    batch (which is what every rank must get), or against each rank on its own where the group does
+    not sync (eval with running statistics; PyTorch 1.9's rule in eval)."""
+
+    def __init__(self, sid, description, world_size, num_features=3, eps=1e-5, momentum=0.1, affine=True, track=True, rule="SYNC_WHEN_BATCH_STATS"):
+        self.id = sid
+        self.description = description
+        self.world_size = world_size
+        self.rule = rule
+        self.config = {
+            "num_features": num_features,
+            "eps": eps,
+            "momentum": momentum,
+            "affine": affine,
+            "track_running_stats": track,
+            "world_size": world_size,
+            "sync_rule": rule,
+        }
+        torch.manual_seed(BASE_SEED + zlib.crc32(sid.encode()))
+        self.m = SyncBatchNorm(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track)
+        self.initial = state_of(self.m)
+        self.steps = []
+        self.step_no = 0
+
+    data = Scenario.data
+    params = Scenario.params
+
+    def load_random_affine(self):
+        if self.config["affine"]:
+            w, b = self.params()
+            self.m.load_state_dict({"weight": w, "bias": b}, strict=False)
+            self.initial = state_of(self.m)
+        return self
+
+    def update(self, training=None, track=None):
+        step = {"op": "update"}
+        if training is not None:
+            self.m.train(training)
+            step["training"] = training
+        if track is not None:
+            self.m.track_running_stats = track
+            step["track_running_stats"] = track
+        step["expect"] = {}
+        step["after"] = state_of(self.m)
+        self.steps.append(step)
+        return self
+
+    def syncs(self):
+        m = self.m
+        bn_training = m.training or (m.running_mean is None and m.running_var is None)
+        return bn_training and (self.rule == "SYNC_WHEN_BATCH_STATS" or m.training)
+
+    def step(self, shards, grads=None):
+        m = self.m
+        eps = self.config["eps"]
+        step = {"op": "step", "step": self.step_no, "shards": [enc(x) for x in shards]}
+        self.step_no += 1
+        if grads is not None:
+            step["grad_outputs"] = [enc(g) for g in grads]
+        expect = {"synced": self.syncs()}
+        before = copy.deepcopy(m)
+        for p in m.parameters():
+            p.grad = None
+        if expect["synced"]:
+            xs = [x.clone().requires_grad_(True) for x in shards]
+            cat = torch.cat(xs, 0)
+            try:
+                y = m(cat)
+            except Exception as e:  # noqa: BLE001
+                expect["error"] = error_of(e)
+                # normserve changes nothing when the group's batch has one value per channel.
+                step["torch_after"] = state_of(m)
+                self.m = before
+                step["expect"] = expect
+                step["after"] = state_of(self.m)
+                self.steps.append(step)
+                return self
+            sizes = [x.shape[0] for x in shards]
+            expect["outputs"] = [enc(o) for o in torch.split(y.detach(), sizes, 0)]
+            c64 = torch.cat([x.double() for x in shards], 0)
+            dims = [0] + list(range(2, c64.dim()))
+            count = c64.numel() // c64.shape[1] if c64.shape[1] else 0
+            expect["count"] = count
+            if count > 0:
+                mean = c64.mean(dims)
+                var = c64.var(dims, unbiased=False)
+                invstd = torch.where((var == 0) & (eps == 0), torch.zeros_like(var), 1 / torch.sqrt(var + eps))
+                expect["mean"], expect["var"], expect["invstd"] = enc(mean), enc(var), enc(invstd)
+            if grads is not None:
+                y.backward(torch.cat(grads, 0))
+                expect["grad_inputs"] = [enc(x.grad) for x in xs]
+                if m.affine:
+                    expect["grad_weight_total"] = enc(m.weight.grad)
+                    expect["grad_bias_total"] = enc(m.bias.grad)
+                    view = [1, -1] + [1] * (c64.dim() - 2)
+                    pw, pb = [], []
+                    for x, g in zip(shards, grads):
+                        g64 = g.double()
+                        if count > 0 and x.numel() > 0:
+                            xhat = (x.double() - mean.view(view)) * invstd.view(view)
+                            d = [0] + list(range(2, x.dim()))
+                            pw.append(enc((g64 * xhat).sum(d)))
+                            pb.append(enc(g64.sum(d)))
+                        else:
+                            pw.append(enc(torch.zeros(x.shape[1], dtype=torch.float64)))
+                            pb.append(enc(torch.zeros(x.shape[1], dtype=torch.float64)))
+                    expect["grad_weight"], expect["grad_bias"] = pw, pb
+        else:
+            outs, gins, pw, pb = [], [], [], []
+            for i, x in enumerate(shards):
+                x = x.clone().requires_grad_(True)
+                for p in m.parameters():
+                    p.grad = None
+                y = m(x)
+                outs.append(enc(y.detach()))
+                if grads is not None:
+                    y.backward(grads[i])
+                    gins.append(enc(x.grad))
+                    if m.affine:
+                        pw.append(enc(m.weight.grad.double()))
+                        pb.append(enc(m.bias.grad.double()))
+            expect["outputs"] = outs
+            if grads is not None:
+                expect["grad_inputs"] = gins
+                if m.affine:
+                    expect["grad_weight"], expect["grad_bias"] = pw, pb
+        step["expect"] = expect
+        step["after"] = state_of(m)
+        self.steps.append(step)
+        return self
+
+    def to_json(self):
+        return {
+            "id": self.id,
+            "description": self.description,
+            "kind": "SYNC_BATCH_NORM",
+            "config": self.config,
+            "initial": self.initial,
+            "steps": self.steps,
+        }
+
+
+def sync():
+    out = []
+
+    def shards_for(s, sizes, tail):
+        return [s.data((n,) + tail) for n in sizes]
+
+    cases = [
+        (2, [3, 5], (3,), "bn1d-nc"),
+        (3, [4, 0, 2], (3, 5), "bn1d-ncl-empty-rank"),
+        (4, [2, 3, 1, 2], (3, 3, 2), "bn2d"),
+        (3, [1, 2, 0], (3, 2, 2, 2), "bn3d-empty-rank"),
+        (2, [1, 1], (3,), "single-sample-ranks"),
+    ]
+    for world, sizes, tail, tag in cases:
+        s = SyncScenario("sync-{}-ranks-{}".format(world, tag), "training steps and eval over {} ranks with shards of {} samples".format(world, sizes), world)
+        s.load_random_affine()
+        for _ in range(3):
+            s.step(shards_for(s, sizes, tail), shards_for(s, sizes, tail))
+        s.update(training=False)
+        s.step(shards_for(s, sizes, tail), shards_for(s, sizes, tail))
+        out.append(s)
+
+    s = SyncScenario("sync-momentum-none", "momentum=None over several group steps: one update per step", 3, momentum=None)
+    for _ in range(5):
+        s.step(shards_for(s, [2, 4, 3], (3, 2)), shards_for(s, [2, 4, 3], (3, 2)))
+    out.append(s)
+
+    for rule in ("SYNC_WHEN_BATCH_STATS", "SYNC_WHEN_TRAINING"):
+        tag = "44445" if rule == "SYNC_WHEN_BATCH_STATS" else "1.9"
+        s = SyncScenario("sync-tracking-off-rule-" + tag, "no buffers: training syncs; eval syncs under PR #44445 and not under 1.9", 2, track=False, rule=rule)
+        s.load_random_affine()
+        s.step(shards_for(s, [3, 2], (3, 2)), shards_for(s, [3, 2], (3, 2)))
+        s.update(training=False)
+        s.step(shards_for(s, [3, 2], (3, 2)), shards_for(s, [3, 2], (3, 2)))
+        out.append(s)
+
+    s = SyncScenario("sync-flag-flipped-off", "tracking flipped off at runtime: the group trains on pooled statistics, buffers frozen; eval uses them", 2)
+    s.step(shards_for(s, [3, 3], (3, 2)))
+    s.update(track=False)
+    s.step(shards_for(s, [2, 4], (3, 2)), shards_for(s, [2, 4], (3, 2)))
+    s.update(training=False)
+    s.step(shards_for(s, [2, 4], (3, 2)))
+    out.append(s)
+
+    s = SyncScenario("sync-affine-off", "affine=False: no parameter gradients", 3, affine=False)
+    s.step(shards_for(s, [2, 1, 3], (3, 2, 2)), shards_for(s, [2, 1, 3], (3, 2, 2)))
+    s.step(shards_for(s, [2, 1, 3], (3, 2, 2)), shards_for(s, [2, 1, 3], (3, 2, 2)))
+    out.append(s)
+
+    s = SyncScenario("sync-all-empty", "every rank empty: empty outputs, the counter moves, the buffers stay", 2)
+    s.step(shards_for(s, [3, 2], (3, 2)))
+    s.step(shards_for(s, [0, 0], (3, 2)), shards_for(s, [0, 0], (3, 2)))
+    s.step(shards_for(s, [2, 2], (3, 2)))
+    out.append(s)
+
+    s = SyncScenario("sync-global-count-one", "one value per channel in the whole group: every rank gets the error, nothing changes", 3)
+    s.step(shards_for(s, [2, 2, 2], (3,)))
+    s.step(shards_for(s, [0, 1, 0], (3,)))
+    s.step(shards_for(s, [1, 0, 1], (3,)))
+    out.append(s)
+
+    s = SyncScenario("sync-eps-0-constant", "eps=0 and a channel constant across the whole group", 2, eps=0.0)
+    s.load_random_affine()
+    a, b = s.data((2, 3, 2)), s.data((3, 3, 2))
+    a[:, 1] = 0.5
+    b[:, 1] = 0.5
+    s.step([a, b], [s.data((2, 3, 2)), s.data((3, 3, 2))])
+    out.append(s)
+    return out
+
+
 GROUPS = {
     "truth-table": truth_table,
     "momentum": momentum,
@@ -713,6 +938,7 @@ GROUPS = {
     "state-dict": state_dict,
     "precision": precision,
     "backward": backward,
+    "sync": sync,
 }
 
 

@@ -37,6 +37,8 @@ describe('module config', () => {
       momentum: 0.1,
       affine: true,
       trackRunningStats: true,
+      worldSize: 1,
+      syncRule: 'SYNC_WHEN_BATCH_STATS',
     });
     expect(resolveConfig({ ...base, cumulativeAverage: true }).momentum).toBeNull();
   });
@@ -47,6 +49,9 @@ describe('module config', () => {
     expect(() => resolveConfig({ ...base, eps: Number.NaN })).toThrow(/eps/);
     expect(() => resolveConfig({ ...base, momentum: Number.POSITIVE_INFINITY })).toThrow(/momentum must be a finite number/);
     expect(() => resolveConfig({ ...base, cumulativeAverage: true, momentum: 0.1 })).toThrow(/momentum must be unset/);
+    expect(() => resolveConfig({ ...base, worldSize: 2 })).toThrow(/world_size is for SYNC_BATCH_NORM modules/);
+    expect(() => resolveConfig({ ...base, kind: 'SYNC_BATCH_NORM', worldSize: 5000 })).toThrow(/world_size must be between 1 and 4096/);
+    expect(resolveConfig({ ...base, kind: 'SYNC_BATCH_NORM', worldSize: 8, syncRule: 'SYNC_WHEN_TRAINING' })).toMatchObject({ worldSize: 8, syncRule: 'SYNC_WHEN_TRAINING' });
   });
 
   it("accepts any finite momentum and eps 0, as PyTorch does", () => {
