@@ -40,6 +40,8 @@ interface Checked {
   readonly step: bigint;
   /** Throws `err` after aborting the step this call claims to be part of. */
   readonly fail: (err: unknown) => never;
+  /** Runs a check of the call's payload; what it throws fails the call and the step. */
+  readonly guard: <T>(check: () => T) => T;
 }
 
 const vector = (values: Float64Array | readonly number[]) => Array.from(values);
@@ -61,7 +63,14 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
     if (step < 0n) throw bnError('BN_ERR_STEP', { step });
     if (req.world_size !== worldSize) fail(bnError('BN_ERR_WORLD_SIZE', { given: req.world_size, name: req.name, expected: worldSize }));
     if (req.rank < 0 || req.rank >= worldSize) fail(bnError('BN_ERR_RANK', { rank: req.rank, last: worldSize - 1, worldSize }));
-    return { module, step, fail };
+    const guard = <T>(check: () => T): T => {
+      try {
+        return check();
+      } catch (err) {
+        return fail(err);
+      }
+    };
+    return { module, step, fail, guard };
   }
 
   /** Per-channel statistics from a client: C finite values (or none for an empty shard). */
@@ -78,21 +87,10 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
 
   const handlers: SyncBatchNormServiceHandlers = {
     SyncForward: unary(async (req, signal) => {
-      const { module, step, fail } = checkCall(req, 'forward');
-      const input = (() => {
-        try {
-          return decodeTensor(req.input, { field: 'input', maxElements: maxTensorElements, accept: ['FLOAT32'] });
-        } catch (err) {
-          return fail(err);
-        }
-      })();
-      const { shape, data: x } = input;
+      const { module, step, fail, guard } = checkCall(req, 'forward');
+      const { shape, data: x } = guard(() => decodeTensor(req.input, { field: 'input', maxElements: maxTensorElements, accept: ['FLOAT32'] }));
       if (req.save_for_backward) contexts.checkFits(savedBytesFor(x.length, shape[1] ?? 0));
-      try {
-        module.checkRank(shape);
-      } catch (err) {
-        fail(err);
-      }
+      guard(() => module.checkRank(shape));
       const plan = module.plan();
       const group = { step, rank: req.rank };
       if (!module.needsSync(plan)) {
@@ -130,20 +128,14 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
     }),
 
     GatherStats: unary(async (req, signal) => {
-      const { module, step, fail } = checkCall(req, 'forward');
+      const { module, step, guard } = checkCall(req, 'forward');
       const channels = module.config.numFeatures;
-      let count: number;
-      let mean: Float64Array;
-      let variance: Float64Array;
-      try {
+      const { count, mean, variance } = guard(() => {
         const wide = BigInt(req.count);
         if (wide < 0n || wide > BigInt(Number.MAX_SAFE_INTEGER)) throw bnError('BN_ERR_INVALID_STATS', { field: 'count', detail: `${wide} is out of range` });
-        count = Number(wide);
-        mean = statsVector(req.mean, 'mean', count, channels);
-        variance = statsVector(req.var, 'var', count, channels, true);
-      } catch (err) {
-        return fail(err);
-      }
+        const n = Number(wide);
+        return { count: n, mean: statsVector(req.mean, 'mean', n, channels), variance: statsVector(req.var, 'var', n, channels, true) };
+      });
       const plan = module.plan();
       const eps = module.snapshot().eps;
       const invstdOf = (v: Float64Array) => v.map((x) => (x === 0 && eps === 0 ? 0 : 1 / Math.sqrt(x + eps)));
@@ -164,24 +156,14 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
     }),
 
     SyncBackward: unary(async (req, signal) => {
-      const { module, step, fail } = checkCall(req, 'backward');
-      const dy = (() => {
-        try {
-          return decodeTensor(req.grad_output, { field: 'grad_output', maxElements: maxTensorElements, accept: ['FLOAT32'] });
-        } catch (err) {
-          return fail(err);
-        }
-      })();
+      const { step, fail, guard } = checkCall(req, 'backward');
+      const dy = guard(() => decodeTensor(req.grad_output, { field: 'grad_output', maxElements: maxTensorElements, accept: ['FLOAT32'] }));
       const { saved, group } = contexts.get(req.context_id, req.name);
       if (!group || group.step !== step || group.rank !== req.rank) {
         const from = group ? `SyncForward step ${group.step} rank ${group.rank}` : 'a Forward (use Backward)';
         fail(bnError('BN_ERR_CONTEXT_STEP', { id: req.context_id, from, step, rank: req.rank }));
       }
-      try {
-        checkGradShape(saved, dy.shape);
-      } catch (err) {
-        fail(err);
-      }
+      guard(() => checkGradShape(saved, dy.shape));
       const local = await localGradSums(saved, dy.data, kernels);
       let totals;
       if (group!.synced) {
@@ -204,16 +186,10 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
     }),
 
     ReduceGrads: unary(async (req, signal) => {
-      const { module, step, fail } = checkCall(req, 'backward');
+      const { module, step, fail, guard } = checkCall(req, 'backward');
       const channels = module.config.numFeatures;
-      let sumDy: Float64Array;
-      let sumDyXmu: Float64Array;
-      try {
-        sumDy = statsVector(req.sum_dy, 'sum_dy', 1, channels);
-        sumDyXmu = statsVector(req.sum_dy_xmu, 'sum_dy_xmu', 1, channels);
-      } catch (err) {
-        return fail(err);
-      }
+      const sumDy = guard(() => statsVector(req.sum_dy, 'sum_dy', 1, channels));
+      const sumDyXmu = guard(() => statsVector(req.sum_dy_xmu, 'sum_dy_xmu', 1, channels));
       const count = await coordinator.forwardCount(req.name, step);
       if (count === undefined) fail(bnError('BN_ERR_NO_FORWARD_STEP', { step, name: req.name }));
       const totals = await coordinator.reduce(req.name, step, req.rank, req.world_size, { sumDy, sumDyXmu, count: count! }, signal);

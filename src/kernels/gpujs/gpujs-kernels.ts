@@ -21,30 +21,10 @@ const SETTINGS = {
   loopMaxIterations: BLOCK + 1,
 } as const;
 
-const STATS_ARGS = {
-  x: 'Array',
-  c: 'Integer',
-  s: 'Integer',
-  count: 'Integer',
-  parts: 'Integer',
-  block: 'Integer',
-  hi: 'Array',
-  lo: 'Array',
-  order: 'Integer',
-  one: 'Float',
-} as const;
-const GRAD_SUMS_ARGS = {
-  x: 'Array',
-  dy: 'Array',
-  c: 'Integer',
-  s: 'Integer',
-  count: 'Integer',
-  parts: 'Integer',
-  block: 'Integer',
-  hi: 'Array',
-  lo: 'Array',
-  one: 'Float',
-} as const;
+/** The arguments every block-sum kernel takes (see sources.ts). */
+const BLOCK_ARGS = { c: 'Integer', s: 'Integer', count: 'Integer', parts: 'Integer', block: 'Integer', hi: 'Array', lo: 'Array', one: 'Float' } as const;
+const STATS_ARGS = { x: 'Array', ...BLOCK_ARGS, order: 'Integer' } as const;
+const GRAD_SUMS_ARGS = { x: 'Array', dy: 'Array', ...BLOCK_ARGS } as const;
 const NORMALIZE_ARGS = { x: 'Array', c: 'Integer', s: 'Integer', hi: 'Array', lo: 'Array', scale: 'Array', shift: 'Array' } as const;
 const GRAD_INPUT_ARGS = { x: 'Array', dy: 'Array', c: 'Integer', s: 'Integer', hi: 'Array', lo: 'Array', a: 'Array', bb: 'Array', k: 'Array' } as const;
 
