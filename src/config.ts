@@ -44,6 +44,27 @@ export const SETTINGS = {
     schema: z.enum(LOG_LEVELS),
     description: `pino log level: ${LOG_LEVELS.join(', ')}. Each call logs one line at info.`,
   },
+  dataDir: {
+    flag: 'data-dir',
+    env: 'NORMSERVE_DATA_DIR',
+    default: './data',
+    schema: z.string().min(1),
+    description: 'Directory of the SQLite database that keeps every module and recent group steps across restarts.',
+  },
+  durability: {
+    flag: 'durability',
+    env: 'NORMSERVE_DURABILITY',
+    default: 'strict' as 'strict' | 'relaxed',
+    schema: z.enum(['strict', 'relaxed']),
+    description: 'strict: every change is on disk before its call is answered. relaxed: changes are written every --checkpoint-ms; a crash loses at most that interval.',
+  },
+  checkpointMs: {
+    flag: 'checkpoint-ms',
+    env: 'NORMSERVE_CHECKPOINT_MS',
+    default: 1000,
+    schema: int(10, 3_600_000),
+    description: 'With --durability relaxed, how often changes are written.',
+  },
   maxMessageBytes: {
     flag: 'max-message-bytes',
     env: 'NORMSERVE_MAX_MESSAGE_BYTES',

@@ -166,6 +166,10 @@ export const catalogue = {
     template: 'cannot create module {name}: the server holds {count} modules, the limit max_modules={limit}',
   },
   BN_ERR_SHUTTING_DOWN: { status: Status.UNAVAILABLE, template: 'the server is shutting down; retry on another replica' },
+  BN_ERR_STORE: {
+    status: Status.UNAVAILABLE,
+    template: 'the data store could not be written ({detail}); the change was not made, retry later',
+  },
   BN_ERR_INTERNAL: { status: Status.INTERNAL, template: 'internal error: {detail}' },
 } as const satisfies Record<string, Entry>;
 

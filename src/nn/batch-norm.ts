@@ -105,6 +105,8 @@ export class BatchNorm {
   #runningMean: Float32Array | null;
   #runningVar: Float32Array | null;
   #nbt: bigint | null;
+  /** Counts state changes, so that a caller can tell whether an operation changed anything. */
+  #generation = 0;
 
   constructor(config: ModuleConfig) {
     const c = config.numFeatures;
@@ -123,6 +125,34 @@ export class BatchNorm {
     return this.#config;
   }
 
+  /** Increases with every change of state (parameters, buffers, counter, flags, config). */
+  get generation(): number {
+    return this.#generation;
+  }
+
+  /** A module with exactly the state of `s` (a restore from disk, or undoing a change). */
+  static fromSnapshot(s: ModuleSnapshot): BatchNorm {
+    const m = new BatchNorm(s.config);
+    m.restore(s);
+    return m;
+  }
+
+  /** Puts the module back into the state of `s`, bit for bit. */
+  restore(s: ModuleSnapshot): void {
+    const copy = (a: Float32Array | null) => (a === null ? null : a.slice());
+    this.#config = s.config;
+    this.#training = s.training;
+    this.#track = s.trackRunningStats;
+    this.#eps = s.eps;
+    this.#momentum = s.momentum;
+    this.#weight = copy(s.weight);
+    this.#bias = copy(s.bias);
+    this.#runningMean = copy(s.runningMean);
+    this.#runningVar = copy(s.runningVar);
+    this.#nbt = s.numBatchesTracked;
+    this.#generation++;
+  }
+
   get training(): boolean {
     return this.#training;
   }
@@ -134,6 +164,7 @@ export class BatchNorm {
   convertToSync(worldSize: number, syncRule: SyncRule): void {
     checkGroup('SYNC_BATCH_NORM', worldSize, (detail) => bnError('BN_ERR_INVALID_UPDATE', { detail }));
     this.#config = { ...this.#config, kind: 'SYNC_BATCH_NORM', worldSize, syncRule };
+    this.#generation++;
   }
 
   /**
@@ -183,6 +214,7 @@ export class BatchNorm {
       else if (name === 'running_var') this.#runningVar = null;
       else this.#nbt = null;
     }
+    this.#generation++;
   }
 
   /**
@@ -200,6 +232,7 @@ export class BatchNorm {
     this.#runningMean!.fill(0);
     this.#runningVar!.fill(1);
     this.#nbt = 0n;
+    this.#generation++;
   }
 
   /** reset_parameters(): reset_running_stats(), then weight = 1 and bias = 0. */
@@ -208,6 +241,7 @@ export class BatchNorm {
     if (this.config.affine) {
       this.#weight?.fill(1);
       this.#bias?.fill(0);
+      this.#generation++;
     }
   }
 
@@ -247,6 +281,7 @@ export class BatchNorm {
     if (v.running_mean) this.#runningMean!.set(v.running_mean);
     if (v.running_var) this.#runningVar!.set(v.running_var);
     if (v.num_batches_tracked !== undefined) this.#nbt = v.num_batches_tracked;
+    this.#generation++;
     return result;
   }
 
@@ -307,7 +342,9 @@ export class BatchNorm {
     // 2–4. The counter moves now, before the checks that can still fail (PyTorch does the same).
     const plan = this.plan();
     const commitCounter = () => {
+      if (this.#nbt === plan.nbtAfter) return;
       this.#nbt = plan.nbtAfter;
+      this.#generation++;
     };
     // 5. One value per channel.
     const layout = layoutOf(shape);
@@ -360,6 +397,7 @@ export class BatchNorm {
   commitGroupStep(merged: { count: number; mean: Float64Array; m2: Float64Array }, plan: ForwardPlan, size: string): { mean: Float64Array; invstd: Float64Array } {
     if (merged.count === 1) throw bnError('BN_ERR_ONE_VALUE_PER_CHANNEL', { size });
     this.#nbt = plan.nbtAfter;
+    this.#generation++;
     if (merged.count === 0) return { mean: merged.mean, invstd: new Float64Array(merged.mean.length) };
     const stats = this.#fromBatch(merged.mean, merged.m2, merged.count, plan);
     this.#commitRunning(stats);
@@ -411,6 +449,7 @@ export class BatchNorm {
   #commitRunning(stats: { runningMean: Float32Array | null; runningVar: Float32Array | null }): void {
     if (stats.runningMean) this.#runningMean = stats.runningMean;
     if (stats.runningVar) this.#runningVar = stats.runningVar;
+    if (stats.runningMean || stats.runningVar) this.#generation++;
   }
 }
 

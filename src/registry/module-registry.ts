@@ -2,10 +2,17 @@
  * The named modules a server holds. Operations that change a module run one at a time per module
  * (a forward awaits its kernels between validation and commit, so two forwards must not overlap);
  * modules do not wait for each other. Reads see the last committed state.
+ *
+ * Every change reaches the store through here: after an operation that changed a module (also
+ * one that then failed, as a forward that moved the counter does), the module's state is saved,
+ * together with the group step that produced it. In strict durability a write that fails undoes
+ * the change and fails the call.
  */
-import { bnError } from '../errors.js';
-import { BatchNorm } from '../nn/batch-norm.js';
+import { bnError, NormserveError } from '../errors.js';
+import { BatchNorm, type ModuleSnapshot } from '../nn/batch-norm.js';
 import type { ModuleConfig } from '../nn/config.js';
+import type { Persistence } from '../store/persistence.js';
+import type { StepRecord } from '../store/store.js';
 
 const NAME_PATTERN = /^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,255}$/;
 
@@ -28,10 +35,22 @@ export interface Page {
 export const DEFAULT_PAGE_SIZE = 100;
 export const MAX_PAGE_SIZE = 1000;
 
+function storeError(err: unknown): NormserveError {
+  return bnError('BN_ERR_STORE', { detail: (err as Error).message });
+}
+
 export class ModuleRegistry {
   readonly #entries = new Map<string, Entry>();
 
-  constructor(private readonly maxModules: number) {}
+  constructor(
+    private readonly maxModules: number,
+    private readonly persistence: Persistence,
+  ) {}
+
+  /** Puts back modules found in the store at start. */
+  restore(modules: readonly { name: string; snapshot: ModuleSnapshot }[]): void {
+    for (const { name, snapshot } of modules) this.#entries.set(name, { module: BatchNorm.fromSnapshot(snapshot), tail: Promise.resolve() });
+  }
 
   get size(): number {
     return this.#entries.size;
@@ -44,6 +63,11 @@ export class ModuleRegistry {
       throw bnError('BN_ERR_TOO_MANY_MODULES', { name, count: this.#entries.size, limit: this.maxModules });
     }
     const module = new BatchNorm(config);
+    try {
+      this.persistence.saveModule(name, () => module.snapshot());
+    } catch (err) {
+      throw storeError(err);
+    }
     this.#entries.set(name, { module, tail: Promise.resolve() });
     return module;
   }
@@ -52,13 +76,37 @@ export class ModuleRegistry {
     return this.#entry(name).module;
   }
 
-  /** Runs `op` on the module once every earlier operation on it has finished. */
-  async exclusive<T>(name: string, op: (module: BatchNorm) => T | Promise<T>): Promise<T> {
+  /**
+   * Runs `op` on the module once every earlier operation on it has finished, then saves what it
+   * changed, with the group step `record` derives from its result.
+   */
+  async exclusive<T>(name: string, op: (module: BatchNorm) => T | Promise<T>, record?: (result: T) => StepRecord): Promise<T> {
     const entry = this.#entry(name);
-    const run = entry.tail.then(() => {
+    const run = entry.tail.then(async () => {
       // A delete queued ahead of this operation has removed the module meanwhile.
       if (this.#entries.get(name) !== entry) throw bnError('BN_ERR_MODULE_NOT_FOUND', { name });
-      return op(entry.module);
+      const module = entry.module;
+      const generation = module.generation;
+      const before = this.persistence.strict ? module.snapshot() : undefined;
+      const save = (step?: StepRecord) => {
+        if (module.generation === generation && !step) return;
+        try {
+          if (module.generation === generation) this.persistence.saveStep(step!);
+          else this.persistence.saveModule(name, () => module.snapshot(), step);
+        } catch (err) {
+          if (before) module.restore(before);
+          throw storeError(err);
+        }
+      };
+      let result: T;
+      try {
+        result = await op(module);
+      } catch (err) {
+        save();
+        throw err;
+      }
+      save(record?.(result));
+      return result;
     });
     entry.tail = run.catch(() => undefined);
     return run;
@@ -67,6 +115,11 @@ export class ModuleRegistry {
   /** Deletes after the module's pending operations have finished. */
   async delete(name: string): Promise<void> {
     await this.exclusive(name, () => {
+      try {
+        this.persistence.deleteModule(name);
+      } catch (err) {
+        throw storeError(err);
+      }
       this.#entries.delete(name);
     });
   }

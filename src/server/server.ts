@@ -10,6 +10,8 @@ import type { Config } from '../config.js';
 import type { Kernels } from '../kernels/kernels.js';
 import { ContextStore } from '../registry/context-store.js';
 import { ModuleRegistry } from '../registry/module-registry.js';
+import { Persistence } from '../store/persistence.js';
+import { SqliteStore } from '../store/sqlite-store.js';
 import { packageDefinition } from '../wire/proto.js';
 import { bnError } from '../errors.js';
 import { Coordinator } from '../sync/coordinator.js';
@@ -42,7 +44,18 @@ export interface ServerDeps {
 export async function startServer(
   config: Pick<
     Config,
-    'host' | 'port' | 'maxMessageBytes' | 'maxTensorElements' | 'maxModules' | 'contextBudgetBytes' | 'contextTtlMs' | 'stepTimeoutMs' | 'stepResultsKept'
+    | 'host'
+    | 'port'
+    | 'dataDir'
+    | 'durability'
+    | 'checkpointMs'
+    | 'maxMessageBytes'
+    | 'maxTensorElements'
+    | 'maxModules'
+    | 'contextBudgetBytes'
+    | 'contextTtlMs'
+    | 'stepTimeoutMs'
+    | 'stepResultsKept'
   >,
   { kernels, logger }: ServerDeps,
 ): Promise<RunningServer> {
@@ -51,11 +64,18 @@ export async function startServer(
     'grpc.max_send_message_length': config.maxMessageBytes,
     interceptors: [callLogInterceptor(logger)],
   });
-  const registry = new ModuleRegistry(config.maxModules);
+  // Restore before serving: readiness is only reported once every module is back.
+  const store = new SqliteStore(config.dataDir, config.stepResultsKept);
+  const persistence = new Persistence(store, { durability: config.durability, checkpointMs: config.checkpointMs, logger });
+  const stored = store.load();
+  const registry = new ModuleRegistry(config.maxModules, persistence);
+  registry.restore(stored.modules);
   const contexts = new ContextStore(config.contextBudgetBytes, config.contextTtlMs, (e) =>
     logger.warn({ module: e.module, context_id: e.id, bytes: e.bytes, reason: e.reason }, 'saved context dropped before its backward'),
   );
   const coordinator = new Coordinator(registry, { stepTimeoutMs: config.stepTimeoutMs, keepSteps: config.stepResultsKept });
+  coordinator.restore(stored.steps);
+  logger.info({ store: store.location, durability: config.durability, modules: stored.modules.length, steps: stored.steps.length }, 'state restored');
   let draining = false;
   const deps = {
     registry,
@@ -100,6 +120,7 @@ export async function startServer(
         });
       });
       contexts.close();
+      persistence.close();
       await kernels.dispose();
     })();
     return closing;

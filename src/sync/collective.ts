@@ -47,8 +47,8 @@ export interface CollectiveOptions<P, R> {
   readonly keep: number;
   /** Checks a contribution against those already in the round (e.g. channel counts). */
   readonly check?: (rank: number, payload: P, others: ReadonlyMap<number, P>, step: bigint) => void;
-  /** Runs once per step with every rank's payload, in rank order. */
-  readonly complete: (payloads: readonly P[], step: bigint) => Promise<R>;
+  /** Runs once per step with every rank's payload, in rank order, and each rank's payload key. */
+  readonly complete: (payloads: readonly P[], step: bigint, keys: ReadonlyMap<number, string>) => Promise<R>;
 }
 
 export class Collective<P, R> {
@@ -65,6 +65,13 @@ export class Collective<P, R> {
     let waiters = 0;
     for (const slot of round.slots.values()) waiters += slot.waiters.size;
     return { steps: 1, waiters };
+  }
+
+  /** Puts back a step completed before a restart, so that retries get its result. */
+  restore(step: bigint, keys: ReadonlyMap<number, string>, result: R): void {
+    this.#completed.set(step, { keys: new Map(keys), result: Promise.resolve(result) });
+    if (this.#last === undefined || step > this.#last) this.#last = step;
+    while (this.#completed.size > this.opts.keep) this.#completed.delete(this.#smallestStep());
   }
 
   /** The result of a completed step, if it is still kept. */
@@ -152,16 +159,17 @@ export class Collective<P, R> {
   #complete(round: Round<P, R>): void {
     this.#close(round);
     const ranks = [...round.slots.keys()].sort((a, b) => a - b);
+    const keys = new Map(ranks.map((r) => [r, round.slots.get(r)!.key]));
     const result = this.opts.complete(
       ranks.map((r) => round.slots.get(r)!.payload),
       round.step,
+      keys,
     );
-    const keys = new Map(ranks.map((r) => [r, round.slots.get(r)!.key]));
     this.#completed.set(round.step, { keys, result });
     result.then(
       (value) => {
         this.#last = this.#last === undefined || round.step > this.#last ? round.step : this.#last;
-        while (this.#completed.size > this.opts.keep) this.#completed.delete(this.#completed.keys().next().value!);
+        while (this.#completed.size > this.opts.keep) this.#completed.delete(this.#smallestStep());
         for (const slot of round.slots.values()) for (const w of slot.waiters) w.resolve(value);
       },
       (err: unknown) => {
@@ -184,6 +192,12 @@ export class Collective<P, R> {
         joined: joined.length > 0 ? joined.join(', ') : 'none',
       }),
     );
+  }
+
+  #smallestStep(): bigint {
+    let smallest: bigint | undefined;
+    for (const step of this.#completed.keys()) if (smallest === undefined || step < smallest) smallest = step;
+    return smallest!;
   }
 
   #missing(round: Round<P, R>): number[] {

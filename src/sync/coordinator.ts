@@ -8,6 +8,7 @@ import { createHash } from 'node:crypto';
 import { bnError, type NormserveError } from '../errors.js';
 import { torchSize } from '../nn/batch-norm.js';
 import type { ModuleRegistry } from '../registry/module-registry.js';
+import type { StepRecord } from '../store/store.js';
 import { Collective } from './collective.js';
 import { mergeStats, sumVectors, type RankStats } from './merge.js';
 
@@ -139,21 +140,23 @@ export class Coordinator {
         timeoutMs,
         keep,
         check: channelsCheck((p) => p.channels),
-        complete: (payloads) => this.#commitForward(name, payloads),
+        complete: (payloads, step, keys) => this.#commitForward(name, payloads, step, keys),
       }),
       backward: new Collective<GradPayload & { count: number }, GroupGrads>({
         name,
         what: 'gradient sums',
         timeoutMs,
         keep,
-        complete: async (payloads) => {
+        complete: (payloads, step, keys) => {
           const channels = payloads.find((p) => p.count > 0)?.sumDy.length ?? payloads[0]!.sumDy.length;
           const live = payloads.filter((p) => p.sumDy.length === channels);
-          return {
+          const totals: GroupGrads = {
             sumDy: sumVectors(live.map((p) => p.sumDy), channels),
             sumDyXmu: sumVectors(live.map((p) => p.sumDyXmu), channels),
             count: payloads.reduce((n, p) => Math.max(n, p.count), 0),
           };
+          // Recorded so that a retry after a restart gets the same sums.
+          return this.registry.exclusive(name, () => totals, (t) => stepRecord(name, 'backward', step, keys, gradsToJson(t)));
         },
       }),
     };
@@ -161,8 +164,17 @@ export class Coordinator {
     return g;
   }
 
-  /** Merges the ranks' statistics and commits the step to the module, once. */
-  async #commitForward(name: string, payloads: readonly StatsPayload[]): Promise<GroupStats> {
+  /** Puts back the steps completed before a restart. */
+  restore(records: readonly StepRecord[]): void {
+    for (const r of records) {
+      const g = this.#group(r.module);
+      if (r.phase === 'forward') g.forward.restore(r.step, r.keys, statsFromJson(r.result));
+      else g.backward.restore(r.step, r.keys, gradsFromJson(r.result));
+    }
+  }
+
+  /** Merges the ranks' statistics and commits the step to the module, once, with its record. */
+  async #commitForward(name: string, payloads: readonly StatsPayload[], step: bigint, keys: ReadonlyMap<number, string>): Promise<GroupStats> {
     const live = payloads.filter((p) => p.count > 0);
     const channels = live[0]?.channels ?? payloads[0]!.channels;
     const merged = mergeStats(live, channels);
@@ -170,12 +182,49 @@ export class Coordinator {
     // value came from the single non-empty shard.
     const single = live[0];
     const size = single?.shape ? torchSize(single.shape) : torchSize([1, channels]);
-    const stats = await this.registry.exclusive(name, (module) => module.commitGroupStep(merged, module.plan(), size));
-    return {
-      count: merged.count,
-      mean: stats.mean,
-      var: merged.count > 0 ? merged.m2.map((m) => m / merged.count) : new Float64Array(0),
-      invstd: stats.invstd,
-    };
+    return this.registry.exclusive(
+      name,
+      (module): GroupStats => {
+        const stats = module.commitGroupStep(merged, module.plan(), size);
+        return {
+          count: merged.count,
+          mean: stats.mean,
+          var: merged.count > 0 ? merged.m2.map((m) => m / merged.count) : new Float64Array(0),
+          invstd: stats.invstd,
+        };
+      },
+      (stats) => stepRecord(name, 'forward', step, keys, statsToJson(stats)),
+    );
   }
+}
+
+function stepRecord(module: string, phase: 'forward' | 'backward', step: bigint, keys: ReadonlyMap<number, string>, result: string): StepRecord {
+  return { module, phase, step, keys, result };
+}
+
+/** Float64 vectors as base64 of their bytes: exact, NaN and infinities included. */
+const list = (v: Float64Array) => Buffer.from(v.buffer, v.byteOffset, v.byteLength).toString('base64');
+const vec = (text: string) => {
+  const bytes = Buffer.from(text, 'base64');
+  const out = new Float64Array(bytes.byteLength / 8);
+  new Uint8Array(out.buffer).set(bytes);
+  return out;
+};
+
+function statsToJson(s: GroupStats): string {
+  return JSON.stringify({ count: s.count, mean: list(s.mean), var: list(s.var), invstd: list(s.invstd) });
+}
+
+function statsFromJson(text: string): GroupStats {
+  const o = JSON.parse(text) as { count: number; mean: string; var: string; invstd: string };
+  return { count: o.count, mean: vec(o.mean), var: vec(o.var), invstd: vec(o.invstd) };
+}
+
+function gradsToJson(g: GroupGrads): string {
+  return JSON.stringify({ count: g.count, sumDy: list(g.sumDy), sumDyXmu: list(g.sumDyXmu) });
+}
+
+function gradsFromJson(text: string): GroupGrads {
+  const o = JSON.parse(text) as { count: number; sumDy: string; sumDyXmu: string };
+  return { count: o.count, sumDy: vec(o.sumDy), sumDyXmu: vec(o.sumDyXmu) };
 }

@@ -1,0 +1,187 @@
+/**
+ * The embedded store: one SQLite database (better-sqlite3) in the data directory, in WAL mode with
+ * synchronous=FULL, so that a committed transaction survives a process crash and a power loss.
+ * The schema is versioned with PRAGMA user_version; opening a database applies the migrations it
+ * lacks, in one transaction, and refuses a database from a newer normserve.
+ */
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import Database from 'better-sqlite3';
+import type { ModuleSnapshot } from '../nn/batch-norm.js';
+import type { ModuleConfig } from '../nn/config.js';
+import type { Changes, Store, Stored, StepRecord } from './store.js';
+
+export const DB_FILE = 'normserve.db';
+
+/** Migration i brings the schema from version i to i + 1. */
+export const MIGRATIONS: readonly string[] = [
+  `CREATE TABLE modules (
+     name TEXT PRIMARY KEY,
+     config TEXT NOT NULL,
+     training INTEGER NOT NULL,
+     track_running_stats INTEGER NOT NULL,
+     eps REAL NOT NULL,
+     momentum REAL,
+     weight BLOB,
+     bias BLOB,
+     running_mean BLOB,
+     running_var BLOB,
+     num_batches_tracked INTEGER,
+     updated_at INTEGER NOT NULL
+   );
+   CREATE TABLE steps (
+     module TEXT NOT NULL,
+     phase TEXT NOT NULL,
+     step INTEGER NOT NULL,
+     keys TEXT NOT NULL,
+     result TEXT NOT NULL,
+     PRIMARY KEY (module, phase, step)
+   );`,
+];
+export const SCHEMA_VERSION = MIGRATIONS.length;
+
+export class StoreError extends Error {
+  override readonly name = 'StoreError';
+}
+
+const blob = (a: Float32Array | null) => (a === null ? null : Buffer.from(a.buffer, a.byteOffset, a.byteLength));
+
+function floats(b: Buffer | null): Float32Array | null {
+  if (b === null) return null;
+  const out = new Float32Array(b.byteLength / 4);
+  new Uint8Array(out.buffer).set(b);
+  return out;
+}
+
+interface ModuleRow {
+  name: string;
+  config: string;
+  training: bigint;
+  track_running_stats: bigint;
+  eps: number;
+  momentum: number | null;
+  weight: Buffer | null;
+  bias: Buffer | null;
+  running_mean: Buffer | null;
+  running_var: Buffer | null;
+  num_batches_tracked: bigint | null;
+}
+
+interface StepRow {
+  module: string;
+  phase: 'forward' | 'backward';
+  step: bigint;
+  keys: string;
+  result: string;
+}
+
+export class SqliteStore implements Store {
+  readonly location: string;
+  readonly #db: Database.Database;
+  readonly #upsert: Database.Statement;
+  readonly #deleteModule: Database.Statement;
+  readonly #deleteSteps: Database.Statement;
+  readonly #insertStep: Database.Statement;
+  readonly #trimSteps: Database.Statement;
+  readonly #write: (changes: Changes) => void;
+
+  /** Opens (creating when needed) the database in `dir`, keeping `keepSteps` steps per group and phase. */
+  constructor(dir: string, private readonly keepSteps: number) {
+    mkdirSync(dir, { recursive: true });
+    this.location = join(dir, DB_FILE);
+    this.#db = new Database(this.location);
+    this.#db.pragma('journal_mode = WAL');
+    this.#db.pragma('synchronous = FULL');
+    this.#db.pragma('busy_timeout = 5000');
+    migrate(this.#db);
+    this.#upsert = this.#db.prepare(
+      `INSERT INTO modules (name, config, training, track_running_stats, eps, momentum, weight, bias, running_mean, running_var, num_batches_tracked, updated_at)
+       VALUES (@name, @config, @training, @track, @eps, @momentum, @weight, @bias, @running_mean, @running_var, @nbt, @updated_at)
+       ON CONFLICT (name) DO UPDATE SET config = excluded.config, training = excluded.training, track_running_stats = excluded.track_running_stats,
+         eps = excluded.eps, momentum = excluded.momentum, weight = excluded.weight, bias = excluded.bias, running_mean = excluded.running_mean,
+         running_var = excluded.running_var, num_batches_tracked = excluded.num_batches_tracked, updated_at = excluded.updated_at`,
+    );
+    this.#deleteModule = this.#db.prepare('DELETE FROM modules WHERE name = ?');
+    this.#deleteSteps = this.#db.prepare('DELETE FROM steps WHERE module = ?');
+    this.#insertStep = this.#db.prepare('INSERT OR REPLACE INTO steps (module, phase, step, keys, result) VALUES (?, ?, ?, ?, ?)');
+    this.#trimSteps = this.#db.prepare(
+      'DELETE FROM steps WHERE module = @module AND phase = @phase AND step NOT IN (SELECT step FROM steps WHERE module = @module AND phase = @phase ORDER BY step DESC LIMIT @keep)',
+    );
+    this.#write = this.#db.transaction((changes: Changes) => {
+      const now = Date.now();
+      for (const name of changes.deleted ?? []) {
+        this.#deleteModule.run(name);
+        this.#deleteSteps.run(name);
+      }
+      for (const { name, snapshot: s } of changes.modules ?? []) {
+        this.#upsert.run({
+          name,
+          config: JSON.stringify(s.config),
+          training: s.training ? 1 : 0,
+          track: s.trackRunningStats ? 1 : 0,
+          eps: s.eps,
+          momentum: s.momentum,
+          weight: blob(s.weight),
+          bias: blob(s.bias),
+          running_mean: blob(s.runningMean),
+          running_var: blob(s.runningVar),
+          nbt: s.numBatchesTracked,
+          updated_at: now,
+        });
+      }
+      for (const r of changes.steps ?? []) {
+        this.#insertStep.run(r.module, r.phase, r.step, JSON.stringify(Object.fromEntries(r.keys)), r.result);
+        this.#trimSteps.run({ module: r.module, phase: r.phase, keep: this.keepSteps });
+      }
+    });
+  }
+
+  load(): Stored {
+    const modules = (this.#db.prepare('SELECT * FROM modules ORDER BY name').safeIntegers(true).all() as ModuleRow[]).map((r) => ({
+      name: r.name,
+      snapshot: {
+        config: JSON.parse(r.config) as ModuleConfig,
+        training: r.training === 1n,
+        trackRunningStats: r.track_running_stats === 1n,
+        eps: Number(r.eps),
+        momentum: r.momentum === null ? null : Number(r.momentum),
+        weight: floats(r.weight),
+        bias: floats(r.bias),
+        runningMean: floats(r.running_mean),
+        runningVar: floats(r.running_var),
+        numBatchesTracked: r.num_batches_tracked,
+      } satisfies ModuleSnapshot,
+    }));
+    const steps = (this.#db.prepare('SELECT * FROM steps ORDER BY module, phase, step').safeIntegers(true).all() as StepRow[]).map(
+      (r): StepRecord => ({
+        module: r.module,
+        phase: r.phase,
+        step: r.step,
+        keys: new Map(Object.entries(JSON.parse(r.keys) as Record<string, string>).map(([k, v]) => [Number(k), v])),
+        result: r.result,
+      }),
+    );
+    return { modules, steps };
+  }
+
+  write(changes: Changes): void {
+    this.#write(changes);
+  }
+
+  close(): void {
+    if (this.#db.open) this.#db.close();
+  }
+}
+
+/** Brings a database to SCHEMA_VERSION. */
+export function migrate(db: Database.Database): void {
+  const version = db.pragma('user_version', { simple: true }) as number;
+  if (version > SCHEMA_VERSION) {
+    throw new StoreError(`the database has schema version ${version}, newer than this normserve's ${SCHEMA_VERSION}: run a newer normserve, or restore a backup`);
+  }
+  if (version === SCHEMA_VERSION) return;
+  db.transaction(() => {
+    for (let v = version; v < SCHEMA_VERSION; v++) db.exec(MIGRATIONS[v]!);
+    db.pragma(`user_version = ${SCHEMA_VERSION}`);
+  })();
+}
