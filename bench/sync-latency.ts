@@ -10,8 +10,9 @@
  */
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdirSync, writeFileSync } from 'node:fs';
-import { cpus } from 'node:os';
+import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { cpus, tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { NormserveClient } from '../src/client/client.js';
 
@@ -27,7 +28,9 @@ const quantile = (sorted: number[], q: number) => sorted[Math.min(sorted.length 
 async function startServer() {
   // The server's log goes to a pipe that is read and dropped, so that writing it costs what it
   // would in production and never blocks.
-  const server = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference'], { stdio: ['ignore', 'pipe', 'inherit'] });
+  const dataDir = mkdtempSync(join(tmpdir(), 'normserve-bench-'));
+  const args = ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir];
+  const server = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
   const port = await new Promise<number>((resolve, reject) => {
     createInterface({ input: server.stdout! }).on('line', (line) => {
       const entry = JSON.parse(line) as { msg?: string; port?: number };

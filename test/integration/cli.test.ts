@@ -5,7 +5,9 @@
  */
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { once } from 'node:events';
-import { existsSync } from 'node:fs';
+import { existsSync, mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { describe, expect, it } from 'vitest';
 import { NormserveClient } from '../../src/client/client.js';
@@ -13,6 +15,11 @@ import { Status } from '../../src/errors.js';
 import { channelData } from '../support/data.js';
 
 const MAIN = 'dist/src/main.js';
+
+/** Each start gets its own data directory unless the test gives one. */
+function withDataDir(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  return { NORMSERVE_DATA_DIR: mkdtempSync(join(tmpdir(), 'normserve-cli-')), ...process.env, ...env };
+}
 
 interface Started {
   child: ChildProcessWithoutNullStreams;
@@ -23,7 +30,7 @@ interface Started {
 
 async function startMain(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Started> {
   expect(existsSync(MAIN), `${MAIN} is built by npm test before vitest runs`).toBe(true);
-  const child = spawn(process.execPath, [MAIN, ...args], { env: { ...process.env, ...env } });
+  const child = spawn(process.execPath, [MAIN, ...args], { env: withDataDir(env) });
   const exit = once(child, 'exit').then(([code]) => code as number | null);
   const lines: Record<string, unknown>[] = [];
   const port = await new Promise<number>((resolve, reject) => {
@@ -38,7 +45,7 @@ async function startMain(args: string[], env: NodeJS.ProcessEnv = {}): Promise<S
 }
 
 async function run(args: string[], env: NodeJS.ProcessEnv = {}) {
-  const child = spawn(process.execPath, [MAIN, ...args], { env: { ...process.env, ...env } });
+  const child = spawn(process.execPath, [MAIN, ...args], { env: withDataDir(env) });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d) => (stdout += d));

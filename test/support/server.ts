@@ -1,4 +1,7 @@
 /** A real normserve server on an ephemeral loopback port, for integration tests. */
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { pino, type Logger } from 'pino';
 import { defaultConfig, type Config } from '../../src/config.js';
 import { selectKernels } from '../../src/kernels/select.js';
@@ -11,7 +14,8 @@ export interface TestServer {
 }
 
 export async function startTestServer(overrides: Partial<Config> = {}, logger: Logger = pino({ level: 'silent' })): Promise<TestServer> {
-  const config = defaultConfig({ host: '127.0.0.1', port: 0, backend: 'webasm', ...overrides });
+  const dataDir = overrides.dataDir ?? mkdtempSync(join(tmpdir(), 'normserve-test-'));
+  const config = defaultConfig({ host: '127.0.0.1', port: 0, backend: 'webasm', ...overrides, dataDir });
   const { kernels } = await selectKernels(config.backend);
   const running = await startServer(config, { kernels, logger });
   return {

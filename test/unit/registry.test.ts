@@ -1,12 +1,13 @@
 import { describe, expect, it } from 'vitest';
 import { resolveConfig } from '../../src/nn/config.js';
 import { ModuleRegistry } from '../../src/registry/module-registry.js';
+import { memoryPersistence } from '../support/memory-store.js';
 
 const config = resolveConfig({ kind: 'BATCH_NORM_1D', numFeatures: 2n, cumulativeAverage: false });
 
 describe('ModuleRegistry', () => {
   it('runs operations on one module one at a time, in call order', async () => {
-    const r = new ModuleRegistry(10);
+    const r = new ModuleRegistry(10, memoryPersistence());
     r.create('a', config);
     const order: string[] = [];
     const slow = r.exclusive('a', async () => {
@@ -20,14 +21,14 @@ describe('ModuleRegistry', () => {
   });
 
   it('keeps the queue going after an operation fails', async () => {
-    const r = new ModuleRegistry(10);
+    const r = new ModuleRegistry(10, memoryPersistence());
     r.create('a', config);
     await expect(r.exclusive('a', () => Promise.reject(new Error('boom')))).rejects.toThrow('boom');
     expect(await r.exclusive('a', () => 42)).toBe(42);
   });
 
   it('answers NOT_FOUND to an operation queued behind the delete of its module', async () => {
-    const r = new ModuleRegistry(10);
+    const r = new ModuleRegistry(10, memoryPersistence());
     r.create('a', config);
     const deleted = r.delete('a');
     // Queued before the delete ran, on the same entry.
@@ -39,7 +40,7 @@ describe('ModuleRegistry', () => {
   });
 
   it('pages in name order with tokens it issued and rejects others', () => {
-    const r = new ModuleRegistry(100);
+    const r = new ModuleRegistry(100, memoryPersistence());
     for (const n of ['c', 'a', 'b', 'e', 'd']) r.create(n, config);
     const p1 = r.list(2, '');
     expect(p1.modules.map((m) => m.name)).toEqual(['a', 'b']);
@@ -53,7 +54,7 @@ describe('ModuleRegistry', () => {
   });
 
   it('refuses a module past the limit', () => {
-    const r = new ModuleRegistry(1);
+    const r = new ModuleRegistry(1, memoryPersistence());
     r.create('a', config);
     expect(() => r.create('b', config)).toThrow(/max_modules=1/);
   });

@@ -1,0 +1,114 @@
+/** The SQLite store: exact round trips, atomic writes, step retention, and schema versions. */
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import Database from 'better-sqlite3';
+import { describe, expect, it } from 'vitest';
+import { BatchNorm } from '../../src/nn/batch-norm.js';
+import { resolveConfig } from '../../src/nn/config.js';
+import { DB_FILE, SCHEMA_VERSION, SqliteStore, StoreError } from '../../src/store/sqlite-store.js';
+import type { StepRecord } from '../../src/store/store.js';
+import { memoryPersistence, MemoryStore } from '../support/memory-store.js';
+import { ModuleRegistry } from '../../src/registry/module-registry.js';
+
+const dir = () => mkdtempSync(join(tmpdir(), 'normserve-store-'));
+
+function oddModule() {
+  const m = new BatchNorm(resolveConfig({ kind: 'SYNC_BATCH_NORM', numFeatures: 4n, cumulativeAverage: true, eps: 0, worldSize: 3, syncRule: 'SYNC_WHEN_TRAINING' }));
+  m.loadStateDict(
+    {
+      weight: { shape: [4], data: Float32Array.of(Number.NaN, -0, 1e-45, Number.POSITIVE_INFINITY) },
+      running_mean: { shape: [4], data: Float32Array.of(1.1, -2.2, 3.3e-38, 3.4e38) },
+      num_batches_tracked: 2n ** 62n + 5n,
+    },
+    2,
+    false,
+  );
+  m.update({ training: false, trackRunningStats: false, clearBuffers: ['running_var'] });
+  return m;
+}
+
+const step = (n: bigint): StepRecord => ({ module: 'g', phase: 'forward', step: n, keys: new Map([[0, 'a'], [1, 'b']]), result: `{"n":${n}}` });
+
+describe('SqliteStore', () => {
+  it('gives back every module bit for bit, NaN, -0, subnormals, None buffers and 64-bit counters included', () => {
+    const d = dir();
+    const m = oddModule();
+    const store = new SqliteStore(d, 4);
+    store.write({ modules: [{ name: 'odd', snapshot: m.snapshot() }] });
+    store.close();
+    const again = new SqliteStore(d, 4);
+    const [row] = again.load().modules;
+    again.close();
+    expect(row!.name).toBe('odd');
+    const restored = BatchNorm.fromSnapshot(row!.snapshot);
+    expect(restored.snapshot()).toEqual(m.snapshot());
+    const bytes = (a: Float32Array | null) => Buffer.from(a!.buffer).toString('hex');
+    expect(bytes(restored.snapshot().weight)).toBe(bytes(m.snapshot().weight));
+    expect(restored.repr).toBe(m.repr);
+  });
+
+  it('keeps the newest steps per module and phase, and deletes a module with its steps', () => {
+    const d = dir();
+    const store = new SqliteStore(d, 3);
+    for (let n = 0n; n < 6n; n++) store.write({ steps: [step(n)] });
+    expect(store.load().steps.map((s) => s.step)).toEqual([3n, 4n, 5n]);
+    expect(store.load().steps[0]!.keys).toEqual(new Map([[0, 'a'], [1, 'b']]));
+    store.write({ deleted: ['g'] });
+    expect(store.load().steps).toEqual([]);
+    store.close();
+  });
+
+  it('writes a module and its step in one transaction: both or neither', () => {
+    const d = dir();
+    const store = new SqliteStore(d, 3);
+    const m = oddModule();
+    // A step whose keys cannot be serialised fails the transaction after the module row was written.
+    const bad = { ...step(1n), keys: { entries: () => { throw new Error('boom'); } } as unknown as Map<number, string> };
+    expect(() => store.write({ modules: [{ name: 'odd', snapshot: m.snapshot() }], steps: [bad] })).toThrow();
+    expect(store.load()).toEqual({ modules: [], steps: [] });
+    store.close();
+  });
+
+  it('creates the schema in a new database and refuses one from a newer normserve', () => {
+    const d = dir();
+    new SqliteStore(d, 1).close();
+    const db = new Database(join(d, DB_FILE));
+    expect(db.pragma('user_version', { simple: true })).toBe(SCHEMA_VERSION);
+    expect(db.pragma('journal_mode', { simple: true })).toBe('wal');
+    db.pragma(`user_version = ${SCHEMA_VERSION + 1}`);
+    db.close();
+    expect(() => new SqliteStore(d, 1)).toThrow(StoreError);
+    expect(() => new SqliteStore(d, 1)).toThrow(/schema version 2, newer than this normserve's 1/);
+  });
+});
+
+describe('ModuleRegistry with a store', () => {
+  const config = resolveConfig({ kind: 'BATCH_NORM_1D', numFeatures: 2n, cumulativeAverage: false });
+
+  it('saves what an operation changed, and nothing for one that changed nothing', async () => {
+    const store = new MemoryStore();
+    const r = new ModuleRegistry(10, memoryPersistence(store));
+    r.create('a', config);
+    expect(store.writes).toHaveLength(1);
+    await r.exclusive('a', (m) => m.update({ training: false }));
+    expect(store.writes).toHaveLength(2);
+    await r.exclusive('a', (m) => m.snapshot());
+    expect(store.writes).toHaveLength(2);
+  });
+
+  it('undoes a change whose write fails, and fails the call with UNAVAILABLE', async () => {
+    const store = new MemoryStore();
+    const r = new ModuleRegistry(10, memoryPersistence(store));
+    r.create('a', config);
+    store.failNext = true;
+    await expect(r.exclusive('a', (m) => m.update({ training: false, eps: 0.5 }))).rejects.toMatchObject({
+      code: 'BN_ERR_STORE',
+      message: 'the data store could not be written (disk full); the change was not made, retry later',
+    });
+    expect(r.get('a').snapshot()).toMatchObject({ training: true, eps: 1e-5 });
+    store.failNext = true;
+    expect(() => r.create('b', config)).toThrow(/disk full/);
+    expect(() => r.get('b')).toThrow(/not found/);
+  });
+});
