@@ -86,6 +86,20 @@ export const SETTINGS = {
     schema: int(1, 10_000_000),
     description: 'Most modules one server holds.',
   },
+  maxCalls: {
+    flag: 'max-calls',
+    env: 'NORMSERVE_MAX_CALLS',
+    default: 1024,
+    schema: int(1, 1_000_000),
+    description: 'Calls being handled at once, over all modules; more are refused with RESOURCE_EXHAUSTED.',
+  },
+  maxCallsPerModule: {
+    flag: 'max-calls-per-module',
+    env: 'NORMSERVE_MAX_CALLS_PER_MODULE',
+    default: 64,
+    schema: int(1, 1_000_000),
+    description: 'Calls queued on one module at once (they run one at a time); more are refused with RESOURCE_EXHAUSTED.',
+  },
   contextBudgetBytes: {
     flag: 'context-budget-bytes',
     env: 'NORMSERVE_CONTEXT_BUDGET_BYTES',

@@ -165,6 +165,11 @@ export const catalogue = {
     status: Status.RESOURCE_EXHAUSTED,
     template: 'cannot create module {name}: the server holds {count} modules, the limit max_modules={limit}',
   },
+  BN_ERR_TOO_MANY_CALLS: {
+    status: Status.RESOURCE_EXHAUSTED,
+    template: '{count} calls are {where} already, the limit {limit}; retry later',
+  },
+  BN_ERR_CANCELLED: { status: Status.CANCELLED, template: 'the call was cancelled before it ran' },
   BN_ERR_SHUTTING_DOWN: { status: Status.UNAVAILABLE, template: 'the server is shutting down; retry on another replica' },
   BN_ERR_STORE: {
     status: Status.UNAVAILABLE,

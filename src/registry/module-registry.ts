@@ -25,6 +25,8 @@ interface Entry {
   readonly module: BatchNorm;
   /** The tail of this module's chain of serialised operations. */
   tail: Promise<unknown>;
+  /** Operations queued or running on this module. */
+  queued: number;
 }
 
 export interface Page {
@@ -45,11 +47,12 @@ export class ModuleRegistry {
   constructor(
     private readonly maxModules: number,
     private readonly persistence: Persistence,
+    private readonly maxQueued = Number.POSITIVE_INFINITY,
   ) {}
 
   /** Puts back modules found in the store at start. */
   restore(modules: readonly { name: string; snapshot: ModuleSnapshot }[]): void {
-    for (const { name, snapshot } of modules) this.#entries.set(name, { module: BatchNorm.fromSnapshot(snapshot), tail: Promise.resolve() });
+    for (const { name, snapshot } of modules) this.#entries.set(name, { module: BatchNorm.fromSnapshot(snapshot), tail: Promise.resolve(), queued: 0 });
   }
 
   get size(): number {
@@ -68,7 +71,7 @@ export class ModuleRegistry {
     } catch (err) {
       throw storeError(err);
     }
-    this.#entries.set(name, { module, tail: Promise.resolve() });
+    this.#entries.set(name, { module, tail: Promise.resolve(), queued: 0 });
     return module;
   }
 
@@ -78,13 +81,24 @@ export class ModuleRegistry {
 
   /**
    * Runs `op` on the module once every earlier operation on it has finished, then saves what it
-   * changed, with the group step `record` derives from its result.
+   * changed, with the group step `record` derives from its result. An operation whose call is
+   * cancelled while it waits does not run.
    */
-  async exclusive<T>(name: string, op: (module: BatchNorm) => T | Promise<T>, record?: (result: T) => StepRecord): Promise<T> {
+  async exclusive<T>(
+    name: string,
+    op: (module: BatchNorm) => T | Promise<T>,
+    record?: (result: T) => StepRecord,
+    signal?: AbortSignal,
+  ): Promise<T> {
     const entry = this.#entry(name);
+    if (entry.queued >= this.maxQueued) {
+      throw bnError('BN_ERR_TOO_MANY_CALLS', { count: entry.queued, where: `queued on module '${name}'`, limit: `max_calls_per_module=${this.maxQueued}` });
+    }
+    entry.queued++;
     const run = entry.tail.then(async () => {
       // A delete queued ahead of this operation has removed the module meanwhile.
       if (this.#entries.get(name) !== entry) throw bnError('BN_ERR_MODULE_NOT_FOUND', { name });
+      if (signal?.aborted) throw bnError('BN_ERR_CANCELLED', {});
       const module = entry.module;
       const generation = module.generation;
       const before = this.persistence.strict ? module.snapshot() : undefined;
@@ -108,7 +122,7 @@ export class ModuleRegistry {
       save(record?.(result));
       return result;
     });
-    entry.tail = run.catch(() => undefined);
+    entry.tail = run.catch(() => undefined).finally(() => entry.queued--);
     return run;
   }
 

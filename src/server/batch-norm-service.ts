@@ -74,18 +74,23 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
         return { module: moduleToWire(req.name, module), missing_keys: result.missingKeys, unexpected_keys: result.unexpectedKeys };
       });
     }),
-    Forward: unary((req) => {
+    Forward: unary((req, signal) => {
       const target = registry.get(req.name);
       if (target.config.worldSize > 1 && target.needsSync(target.plan())) {
         throw bnError('BN_ERR_USE_SYNC', { name: req.name, worldSize: target.config.worldSize, method: 'SyncForward' });
       }
       const input = decodeTensor(req.input, { field: 'input', maxElements: maxTensorElements, accept: ['FLOAT32'] });
       if (req.save_for_backward) contexts.checkFits(savedBytesFor(input.data.length, input.shape[1] ?? 0));
-      return registry.exclusive(req.name, async (module) => {
-        const { output, saved } = await module.forward(input.data, input.shape, kernels, req.save_for_backward);
-        const contextId = saved ? contexts.put(req.name, saved) : '';
-        return { output: encodeTensor(input.shape, output), context_id: contextId };
-      });
+      return registry.exclusive(
+        req.name,
+        async (module) => {
+          const { output, saved } = await module.forward(input.data, input.shape, kernels, req.save_for_backward);
+          const contextId = saved ? contexts.put(req.name, saved) : '';
+          return { output: encodeTensor(input.shape, output), context_id: contextId };
+        },
+        undefined,
+        signal,
+      );
     }),
     Backward: unary(async (req) => {
       const target = registry.get(req.name);

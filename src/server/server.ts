@@ -52,6 +52,8 @@ export async function startServer(
     | 'maxMessageBytes'
     | 'maxTensorElements'
     | 'maxModules'
+    | 'maxCalls'
+    | 'maxCallsPerModule'
     | 'contextBudgetBytes'
     | 'contextTtlMs'
     | 'stepTimeoutMs'
@@ -68,7 +70,7 @@ export async function startServer(
   const store = new SqliteStore(config.dataDir, config.stepResultsKept);
   const persistence = new Persistence(store, { durability: config.durability, checkpointMs: config.checkpointMs, logger });
   const stored = store.load();
-  const registry = new ModuleRegistry(config.maxModules, persistence);
+  const registry = new ModuleRegistry(config.maxModules, persistence, config.maxCallsPerModule);
   registry.restore(stored.modules);
   const contexts = new ContextStore(config.contextBudgetBytes, config.contextTtlMs, (e) =>
     logger.warn({ module: e.module, context_id: e.id, bytes: e.bytes, reason: e.reason }, 'saved context dropped before its backward'),
@@ -86,6 +88,7 @@ export async function startServer(
     logger,
     draining: () => draining,
     inFlight: { count: 0 },
+    maxCalls: config.maxCalls,
   };
   addBatchNormService(server, deps);
   addSyncBatchNormService(server, deps);

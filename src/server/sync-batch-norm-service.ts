@@ -95,7 +95,7 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
       const group = { step, rank: req.rank };
       if (!module.needsSync(plan)) {
         // Eval with running statistics, or PyTorch 1.9's rule in eval: each rank on its own.
-        const r = await registry.exclusive(req.name, (m) => m.forward(x, shape, kernels, req.save_for_backward));
+        const r = await registry.exclusive(req.name, (m) => m.forward(x, shape, kernels, req.save_for_backward), undefined, signal);
         return {
           output: encodeTensor(shape, r.output),
           context_id: r.saved ? contexts.put(req.name, r.saved, { ...group, synced: false }) : '',

@@ -12,8 +12,10 @@ export interface CallContext {
   readonly logger: Logger;
   /** True once shutdown has begun: new calls are refused with UNAVAILABLE. */
   readonly draining: () => boolean;
-  /** Counts handlers running, for the drain. */
+  /** Counts handlers running, for the drain and the limit. */
   readonly inFlight: { count: number };
+  /** At most this many handlers run at once. */
+  readonly maxCalls: number;
 }
 
 export type Handler<Req, Res> = (request: Req, signal: AbortSignal) => Res | Promise<Res>;
@@ -25,8 +27,17 @@ export function unaryWith(ctx: CallContext) {
         callback(toServiceError(bnError('BN_ERR_SHUTTING_DOWN', {}), ctx.logger));
         return;
       }
+      if (ctx.inFlight.count >= ctx.maxCalls) {
+        const err = bnError('BN_ERR_TOO_MANY_CALLS', { count: ctx.inFlight.count, where: 'being handled', limit: `max_calls=${ctx.maxCalls}` });
+        callback(toServiceError(err, ctx.logger));
+        return;
+      }
       const cancel = new AbortController();
       call.once('cancelled', () => cancel.abort());
+      // grpc-js answers DEADLINE_EXCEEDED at the deadline without telling the handler: time it here too.
+      const deadline = call.getDeadline();
+      const ms = deadline instanceof Date ? deadline.getTime() - Date.now() : deadline - Date.now();
+      const timer = Number.isFinite(ms) ? setTimeout(() => cancel.abort(), Math.max(0, ms)) : undefined;
       ctx.inFlight.count++;
       Promise.resolve()
         .then(() => handler(call.request, cancel.signal))
@@ -34,7 +45,10 @@ export function unaryWith(ctx: CallContext) {
           (response) => callback(null, response),
           (err: unknown) => callback(toServiceError(err, ctx.logger)),
         )
-        .finally(() => ctx.inFlight.count--);
+        .finally(() => {
+          clearTimeout(timer);
+          ctx.inFlight.count--;
+        });
     };
   };
 }

@@ -1,0 +1,92 @@
+/**
+ * `npm run bench` (third part): what durability costs per training step. The same training
+ * forward ((32, 64) through BatchNorm1d) and the same one-rank GatherStats step, against the real
+ * server in strict and in relaxed mode, each in its own process with its own data directory; and
+ * the store's own write of one module (C = 64) with an fsync, timed in-process.
+ */
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
+import { cpus, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { NormserveClient } from '../src/client/client.js';
+import { BatchNorm } from '../src/nn/batch-norm.js';
+import { resolveConfig } from '../src/nn/config.js';
+import { SqliteStore } from '../src/store/sqlite-store.js';
+
+const CALLS = 600;
+const WARMUP = 50;
+const log = (text: string) => process.stderr.write(`${text}\n`);
+const median = (a: number[]) => [...a].sort((x, y) => x - y)[a.length >> 1]!;
+
+async function server(args: string[]) {
+  const dataDir = mkdtempSync(join(tmpdir(), 'normserve-bench-'));
+  const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir, ...args], {
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  const port = await new Promise<number>((resolve, reject) => {
+    createInterface({ input: child.stdout! }).on('line', (line) => {
+      const entry = JSON.parse(line) as { msg?: string; port?: number };
+      if (entry.msg === 'normserve listening') resolve(entry.port!);
+    });
+    child.once('exit', (code) => reject(new Error(`server exited with ${code}`)));
+  });
+  child.stdout!.resume();
+  return { child, client: new NormserveClient(`127.0.0.1:${port}`) };
+}
+
+async function time(fn: (i: number) => Promise<unknown>): Promise<number> {
+  const times: number[] = [];
+  for (let i = 0; i < WARMUP + CALLS; i++) {
+    const t = process.hrtime.bigint();
+    await fn(i);
+    if (i >= WARMUP) times.push(Number(process.hrtime.bigint() - t) / 1e6);
+  }
+  return median(times);
+}
+
+async function endToEnd(mode: string, args: string[]) {
+  log(`${mode}: ${CALLS} training forwards and ${CALLS} group steps`);
+  const { child, client } = await server(args);
+  await client.createModule('bn', { kind: 'BATCH_NORM_1D', numFeatures: 64 });
+  await client.createModule('g', { kind: 'SYNC_BATCH_NORM', numFeatures: 64, worldSize: 1 });
+  const x = { shape: [32, 64], data: Float32Array.from({ length: 32 * 64 }, (_, i) => Math.sin(i)) };
+  const forward = await time(() => client.forward('bn', x));
+  const stats = { count: 32, mean: Array.from({ length: 64 }, (_, i) => i / 64), var: Array.from({ length: 64 }, () => 1) };
+  const step = await time((i) => client.gatherStats('g', { step: i, rank: 0, worldSize: 1 }, stats));
+  client.close();
+  child.kill('SIGTERM');
+  await once(child, 'exit');
+  return { mode, forward_ms: forward, step_ms: step };
+}
+
+function storeWrite() {
+  const store = new SqliteStore(mkdtempSync(join(tmpdir(), 'normserve-bench-')), 16);
+  const m = new BatchNorm(resolveConfig({ kind: 'BATCH_NORM_2D', numFeatures: 64n, cumulativeAverage: false }));
+  const times: number[] = [];
+  for (let i = 0; i < WARMUP + CALLS; i++) {
+    m.update({ training: i % 2 === 0 });
+    const t = process.hrtime.bigint();
+    store.write({ modules: [{ name: 'bn', snapshot: m.snapshot() }] });
+    if (i >= WARMUP) times.push(Number(process.hrtime.bigint() - t) / 1e6);
+  }
+  store.close();
+  return median(times);
+}
+
+async function main() {
+  const strict = await endToEnd('strict', []);
+  const relaxed = await endToEnd('relaxed', ['--durability', 'relaxed', '--checkpoint-ms', '1000']);
+  const write = storeWrite();
+  const machine = `${cpus().length} x ${cpus()[0]?.model ?? 'cpu'}, Node ${process.version}`;
+  console.log(`\nDurability cost per training step, medians of ${CALLS} calls; ${machine}`);
+  console.log('| durability | training forward (32,64) ms | GatherStats step (1 rank, C=64) ms |');
+  console.log('|------------|-----------------------------|------------------------------------|');
+  for (const r of [strict, relaxed]) console.log(`| ${r.mode.padEnd(10)} | ${r.forward_ms.toFixed(3).padEnd(27)} | ${r.step_ms.toFixed(3).padEnd(34)} |`);
+  console.log(`Strict costs ${(strict.forward_ms - relaxed.forward_ms).toFixed(3)} ms per forward and ${(strict.step_ms - relaxed.step_ms).toFixed(3)} ms per step; one store write (C=64, fsync): ${write.toFixed(3)} ms.`);
+  mkdirSync('bench-results', { recursive: true });
+  writeFileSync('bench-results/durability.json', `${JSON.stringify({ machine, date: new Date().toISOString(), strict, relaxed, store_write_ms: write }, null, 2)}\n`);
+}
+
+await main();
