@@ -22,7 +22,7 @@ const median = (a: number[]) => [...a].sort((x, y) => x - y)[a.length >> 1]!;
 
 async function server(args: string[]) {
   const dataDir = mkdtempSync(join(tmpdir(), 'normserve-bench-'));
-  const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir, ...args], {
+  const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir, '--metrics-port', '0', ...args], {
     stdio: ['ignore', 'pipe', 'inherit'],
   });
   const port = await new Promise<number>((resolve, reject) => {

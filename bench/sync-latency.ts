@@ -29,7 +29,7 @@ async function startServer() {
   // The server's log goes to a pipe that is read and dropped, so that writing it costs what it
   // would in production and never blocks.
   const dataDir = mkdtempSync(join(tmpdir(), 'normserve-bench-'));
-  const args = ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir];
+  const args = ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir, '--metrics-port', '0'];
   const server = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
   const port = await new Promise<number>((resolve, reject) => {
     createInterface({ input: server.stdout! }).on('line', (line) => {

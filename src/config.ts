@@ -30,6 +30,13 @@ export const SETTINGS = {
     schema: int(0, 65535),
     description: 'gRPC port; 0 picks a free one (the log says which).',
   },
+  metricsPort: {
+    flag: 'metrics-port',
+    env: 'NORMSERVE_METRICS_PORT',
+    default: 9464,
+    schema: int(0, 65535),
+    description: 'HTTP port of the Prometheus metrics (GET /metrics, on the same host as gRPC); 0 picks a free one.',
+  },
   backend: {
     flag: 'backend',
     env: 'NORMSERVE_BACKEND',

@@ -39,7 +39,7 @@ async function main(): Promise<void> {
     else logger.info({ backend: a.backend, reason: a.detail }, 'compute backend passed over');
   }
   const server = await startServer(config, { kernels, logger });
-  logger.info({ host: config.host, port: server.port, backend: kernels.backend }, 'normserve listening');
+  logger.info({ host: config.host, port: server.port, metrics_port: server.metricsPort, backend: kernels.backend }, 'normserve listening');
 
   const stop = (signal: string) => {
     logger.info({ signal, grace_ms: config.shutdownGraceMs }, 'shutting down');

@@ -1,10 +1,19 @@
 /**
- * One pino line per call: method, module, status, duration and tensor bytes in and out (never
- * tensor contents). A server interceptor, so that calls refused by grpc-js itself (message too
- * large, unknown method) are logged too. Health checks log at debug: probes would drown the log.
+ * One pino line per call: request id, method, module, status, duration and tensor bytes in and
+ * out (never tensor contents), and the same numbers into the metrics. A server interceptor, so
+ * that calls refused by grpc-js itself (message too large, unknown method) are counted too.
+ * Health checks log at debug: probes would drown the log.
+ *
+ * The request id is the client's `x-request-id` when it sends a usable one, otherwise a new one;
+ * it goes back in the response's headers and trailers.
  */
-import { ServerInterceptingCall, status as grpcStatus, type ServerInterceptor } from '@grpc/grpc-js';
+import { randomUUID } from 'node:crypto';
+import { Metadata, ServerInterceptingCall, status as grpcStatus, type ServerInterceptor } from '@grpc/grpc-js';
 import type { Logger } from 'pino';
+import type { Metrics } from './metrics.js';
+
+export const REQUEST_ID = 'x-request-id';
+const USABLE_ID = /^[A-Za-z0-9._:-]{1,128}$/;
 
 const STATUS_NAMES = Object.fromEntries(Object.entries(grpcStatus).map(([k, v]) => [v, k])) as Record<number, string>;
 
@@ -20,39 +29,54 @@ export function payloadBytes(message: unknown, depth = 0): number {
   return total;
 }
 
-export function callLogInterceptor(logger: Logger): ServerInterceptor {
+export function callLogInterceptor(logger: Logger, metrics?: Metrics): ServerInterceptor {
   return (method, call) => {
     const started = process.hrtime.bigint();
+    let requestId: string = randomUUID();
     let module: string | undefined;
     let bytesIn = 0;
     let bytesOut = 0;
     return new ServerInterceptingCall(call, {
       start: (next) =>
         next({
+          onReceiveMetadata: (metadata, nextMetadata) => {
+            const given = metadata.get(REQUEST_ID)[0];
+            if (typeof given === 'string' && USABLE_ID.test(given)) requestId = given;
+            nextMetadata(metadata);
+          },
           onReceiveMessage: (message, nextMessage) => {
             if (typeof message?.name === 'string') module = message.name;
             bytesIn += payloadBytes(message);
             nextMessage(message);
           },
         }),
+      sendMetadata: (metadata, next) => {
+        metadata.set(REQUEST_ID, requestId);
+        next(metadata);
+      },
       sendMessage: (message, next) => {
         bytesOut += payloadBytes(message);
         next(message);
       },
       sendStatus: (status, next) => {
-        const ms = Number(process.hrtime.bigint() - started) / 1e6;
+        const seconds = Number(process.hrtime.bigint() - started) / 1e9;
+        const code = STATUS_NAMES[status.code] ?? String(status.code);
         const line = {
+          request_id: requestId,
           method: method.path,
           module,
-          status: STATUS_NAMES[status.code] ?? String(status.code),
-          ms: Math.round(ms * 1000) / 1000,
+          status: code,
+          ms: Math.round(seconds * 1e6) / 1000,
           bytes_in: bytesIn,
           bytes_out: bytesOut,
           ...(status.code === grpcStatus.OK ? {} : { error: status.details }),
         };
         if (method.path.startsWith('/grpc.health.v1.')) logger.debug(line, 'call');
         else logger.info(line, 'call');
-        next(status);
+        metrics?.observeCall(method.path, code, seconds, bytesIn, bytesOut);
+        const trailers = status.metadata ?? new Metadata();
+        trailers.set(REQUEST_ID, requestId);
+        next({ ...status, metadata: trailers });
       },
     });
   };

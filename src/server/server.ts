@@ -18,12 +18,15 @@ import { Coordinator } from '../sync/coordinator.js';
 import { addBatchNormService } from './batch-norm-service.js';
 import { addSyncBatchNormService } from './sync-batch-norm-service.js';
 import { callLogInterceptor } from './call-log.js';
+import { Metrics } from './metrics.js';
 
 export const BATCH_NORM_SERVICE_NAME = 'normserve.v1.BatchNormService';
 export const SYNC_SERVICE_NAME = 'normserve.v1.SyncBatchNormService';
 
 export interface RunningServer {
   readonly port: number;
+  readonly metricsPort: number;
+  readonly metrics: Metrics;
   readonly registry: ModuleRegistry;
   readonly contexts: ContextStore;
   readonly coordinator: Coordinator;
@@ -46,6 +49,7 @@ export async function startServer(
     Config,
     | 'host'
     | 'port'
+    | 'metricsPort'
     | 'dataDir'
     | 'durability'
     | 'checkpointMs'
@@ -59,27 +63,43 @@ export async function startServer(
     | 'stepTimeoutMs'
     | 'stepResultsKept'
   >,
-  { kernels, logger }: ServerDeps,
+  deps: ServerDeps,
 ): Promise<RunningServer> {
+  const { logger } = deps;
+  let registry: ModuleRegistry;
+  let coordinator: Coordinator;
+  let contexts: ContextStore;
+  const metrics = new Metrics({
+    modules: () => registry.size,
+    pending: () => coordinator.pending(),
+    contexts: () => ({ count: contexts.size, bytes: contexts.bytes }),
+  });
+  const kernels = metrics.timed(deps.kernels);
   const server = new Server({
     'grpc.max_receive_message_length': config.maxMessageBytes,
     'grpc.max_send_message_length': config.maxMessageBytes,
-    interceptors: [callLogInterceptor(logger)],
+    interceptors: [callLogInterceptor(logger, metrics)],
   });
   // Restore before serving: readiness is only reported once every module is back.
   const store = new SqliteStore(config.dataDir, config.stepResultsKept);
-  const persistence = new Persistence(store, { durability: config.durability, checkpointMs: config.checkpointMs, logger });
+  const persistence = new Persistence(store, {
+    durability: config.durability,
+    checkpointMs: config.checkpointMs,
+    logger,
+    onWrite: (seconds) => metrics.observeStoreWrite(seconds),
+  });
   const stored = store.load();
-  const registry = new ModuleRegistry(config.maxModules, persistence, config.maxCallsPerModule);
+  registry = new ModuleRegistry(config.maxModules, persistence, config.maxCallsPerModule);
   registry.restore(stored.modules);
-  const contexts = new ContextStore(config.contextBudgetBytes, config.contextTtlMs, (e) =>
-    logger.warn({ module: e.module, context_id: e.id, bytes: e.bytes, reason: e.reason }, 'saved context dropped before its backward'),
-  );
-  const coordinator = new Coordinator(registry, { stepTimeoutMs: config.stepTimeoutMs, keepSteps: config.stepResultsKept });
+  contexts = new ContextStore(config.contextBudgetBytes, config.contextTtlMs, (e) => {
+    metrics.contextDropped(e.reason);
+    logger.warn({ module: e.module, context_id: e.id, bytes: e.bytes, reason: e.reason }, 'saved context dropped before its backward');
+  });
+  coordinator = new Coordinator(registry, { stepTimeoutMs: config.stepTimeoutMs, keepSteps: config.stepResultsKept });
   coordinator.restore(stored.steps);
   logger.info({ store: store.location, durability: config.durability, modules: stored.modules.length, steps: stored.steps.length }, 'state restored');
   let draining = false;
-  const deps = {
+  const serviceDeps = {
     registry,
     contexts,
     coordinator,
@@ -90,8 +110,8 @@ export async function startServer(
     inFlight: { count: 0 },
     maxCalls: config.maxCalls,
   };
-  addBatchNormService(server, deps);
-  addSyncBatchNormService(server, deps);
+  addBatchNormService(server, serviceDeps);
+  addSyncBatchNormService(server, serviceDeps);
   const services = ['', BATCH_NORM_SERVICE_NAME, SYNC_SERVICE_NAME];
   const health = new HealthImplementation(Object.fromEntries(services.map((s) => [s, 'NOT_SERVING' as const])));
   health.addToServer(server);
@@ -101,6 +121,7 @@ export async function startServer(
   const port = await new Promise<number>((resolve, reject) =>
     server.bindAsync(`${host}:${config.port}`, ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound))),
   );
+  const metricsServer = await metrics.serve(config.host, config.metricsPort);
   for (const s of services) health.setStatus(s, 'SERVING');
 
   let closing: Promise<void> | undefined;
@@ -124,9 +145,10 @@ export async function startServer(
       });
       contexts.close();
       persistence.close();
+      await metricsServer.close();
       await kernels.dispose();
     })();
     return closing;
   };
-  return { port, registry, contexts, coordinator, inFlight: () => deps.inFlight.count, shutdown };
+  return { port, metricsPort: metricsServer.port, metrics, registry, contexts, coordinator, inFlight: () => serviceDeps.inFlight.count, shutdown };
 }

@@ -18,7 +18,7 @@ const MAIN = 'dist/src/main.js';
 
 /** Each start gets its own data directory unless the test gives one. */
 function withDataDir(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
-  return { NORMSERVE_DATA_DIR: mkdtempSync(join(tmpdir(), 'normserve-cli-')), ...process.env, ...env };
+  return { NORMSERVE_DATA_DIR: mkdtempSync(join(tmpdir(), 'normserve-cli-')), NORMSERVE_METRICS_PORT: '0', ...process.env, ...env };
 }
 
 interface Started {

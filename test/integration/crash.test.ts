@@ -102,7 +102,7 @@ const dataDir = mkdtempSync(join(tmpdir(), 'normserve-crash-'));
 let server: Server | undefined;
 
 async function start(): Promise<Server> {
-  const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir, '--log-level', 'info']);
+  const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir, '--metrics-port', '0', '--log-level', 'info']);
   child.stderr.resume();
   const port = await new Promise<number>((resolve, reject) => {
     createInterface({ input: child.stdout }).on('line', (line) => {

@@ -84,7 +84,7 @@ describe('a restart', () => {
 
 /** The real program, as a child process on a data directory. */
 async function startProgram(dataDir: string, args: string[] = []) {
-  const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir, ...args]);
+  const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir, '--metrics-port', '0', ...args]);
   const port = await new Promise<number>((resolve, reject) => {
     createInterface({ input: child.stdout }).on('line', (line) => {
       const entry = JSON.parse(line) as { msg?: string; port?: number };

@@ -1,0 +1,113 @@
+/** The Prometheus endpoint and request ids, through a real server. */
+import { credentials, Metadata, type ServiceError } from '@grpc/grpc-js';
+import { Writable } from 'node:stream';
+import { pino } from 'pino';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { NormserveClient } from '../../src/client/client.js';
+import type { BatchNormServiceClient } from '../../src/generated/normserve/v1/BatchNormService.js';
+import { grpcObject } from '../../src/wire/proto.js';
+import { channelData } from '../support/data.js';
+import { startTestServer, type TestServer } from '../support/server.js';
+
+let server: TestServer;
+let client: NormserveClient;
+const logs: Record<string, unknown>[] = [];
+
+beforeAll(async () => {
+  const sink = new Writable({
+    write(chunk, _enc, done) {
+      for (const line of String(chunk).split('\n').filter(Boolean)) logs.push(JSON.parse(line));
+      done();
+    },
+  });
+  server = await startTestServer({}, pino({ level: 'info' }, sink));
+  client = new NormserveClient(server.address);
+});
+afterAll(async () => {
+  client?.close();
+  await server?.stop();
+});
+
+async function scrape(): Promise<string> {
+  const res = await fetch(`http://127.0.0.1:${server.running.metricsPort}/metrics`);
+  expect(res.status).toBe(200);
+  expect(res.headers.get('content-type')).toMatch(/^text\/plain/);
+  return res.text();
+}
+
+/** The value of one sample, e.g. value(text, 'normserve_modules'), or undefined. */
+function value(text: string, sample: string): number | undefined {
+  const line = text.split('\n').find((l) => l.startsWith(`${sample} `));
+  return line === undefined ? undefined : Number(line.slice(sample.length + 1));
+}
+
+describe('metrics', () => {
+  it('count calls by method and status, with latency, bytes, kernel time, modules, contexts and store writes', async () => {
+    await client.createModule('m', { kind: 'BATCH_NORM_2D', numFeatures: 3 });
+    const f = await client.forward('m', { shape: [2, 3, 2, 2], data: channelData(2, 3, 4, 0, 1) }, { saveForBackward: true });
+    await expect(client.forward('m', { shape: [2, 3], data: new Float32Array(6) })).rejects.toThrow();
+    let text = await scrape();
+    const forward = '/normserve.v1.BatchNormService/Forward';
+    expect(value(text, `normserve_grpc_calls_total{method="${forward}",code="OK"}`)).toBe(1);
+    expect(value(text, `normserve_grpc_calls_total{method="${forward}",code="INVALID_ARGUMENT"}`)).toBe(1);
+    expect(value(text, `normserve_grpc_call_duration_seconds_count{method="${forward}"}`)).toBe(2);
+    expect(value(text, `normserve_grpc_received_bytes_total{method="${forward}"}`)).toBe(96 + 24);
+    expect(value(text, `normserve_grpc_sent_bytes_total{method="${forward}"}`)).toBe(96);
+    expect(value(text, 'normserve_kernel_seconds_count{backend="webasm",kernel="stats"}')).toBe(1);
+    expect(value(text, 'normserve_kernel_seconds_count{backend="webasm",kernel="normalize"}')).toBe(1);
+    expect(value(text, 'normserve_modules')).toBe(1);
+    expect(value(text, 'normserve_saved_contexts')).toBe(1);
+    expect(value(text, 'normserve_saved_context_bytes')).toBe(96 + 3 * 20);
+    expect(value(text, 'normserve_store_write_seconds_count')).toBeGreaterThanOrEqual(2);
+    expect(text).toMatch(/^process_cpu_user_seconds_total /m);
+    await client.backward('m', f.contextId, { shape: [2, 3, 2, 2], data: channelData(2, 3, 4, 0, 1, 2) });
+    text = await scrape();
+    expect(value(text, 'normserve_saved_contexts')).toBe(0);
+    expect(value(text, 'normserve_kernel_seconds_count{backend="webasm",kernel="gradInput"}')).toBe(1);
+  });
+
+  it('show pending group steps and waiting calls, back to zero when the step completes', async () => {
+    await client.createModule('g', { kind: 'SYNC_BATCH_NORM', numFeatures: 2, worldSize: 2 });
+    const stats = { count: 2, mean: [0, 0], var: [1, 1] };
+    const first = client.gatherStats('g', { step: 0, rank: 0, worldSize: 2 }, stats);
+    while (server.running.coordinator.pending().waiters === 0) await new Promise((r) => setTimeout(r, 2));
+    let text = await scrape();
+    expect(value(text, 'normserve_sync_pending_steps')).toBe(1);
+    expect(value(text, 'normserve_sync_waiting_calls')).toBe(1);
+    await Promise.all([first, client.gatherStats('g', { step: 0, rank: 1, worldSize: 2 }, stats)]);
+    text = await scrape();
+    expect(value(text, 'normserve_sync_pending_steps')).toBe(0);
+    expect(value(text, 'normserve_sync_waiting_calls')).toBe(0);
+  });
+
+  it('answers 404 off /metrics', async () => {
+    const res = await fetch(`http://127.0.0.1:${server.running.metricsPort}/`);
+    expect(res.status).toBe(404);
+  });
+});
+
+describe('request ids', () => {
+  let stub: BatchNormServiceClient;
+  beforeAll(() => {
+    stub = new grpcObject.normserve.v1.BatchNormService(server.address, credentials.createInsecure());
+  });
+  afterAll(() => stub.close());
+
+  it("take the client's x-request-id, log it, and send it back in headers and trailers", async () => {
+    const metadata = new Metadata();
+    metadata.set('x-request-id', 'trainer-7.step-42');
+    const headers = await new Promise<Metadata>((resolve, reject) => {
+      const call = stub.GetModule({ name: 'm' }, metadata, (err) => err && reject(err));
+      call.on('metadata', resolve);
+    });
+    expect(headers.get('x-request-id')).toEqual(['trainer-7.step-42']);
+    expect(logs.find((l) => l.request_id === 'trainer-7.step-42')).toMatchObject({ method: '/normserve.v1.BatchNormService/GetModule', status: 'OK' });
+  });
+
+  it('make one up when the client sends none, and return it with errors too', async () => {
+    const err = await new Promise<ServiceError>((resolve) => stub.GetModule({ name: 'missing' }, (e) => resolve(e!)));
+    const [id] = err.metadata.get('x-request-id');
+    expect(id).toMatch(/^[0-9a-f-]{36}$/);
+    expect(logs.find((l) => l.request_id === id)).toMatchObject({ status: 'NOT_FOUND', module: 'missing' });
+  });
+});
