@@ -160,6 +160,10 @@ export const catalogue = {
     template: 'context {id} is from {from}, not step {step} rank {rank}',
   },
 
+  // Authentication
+  BN_ERR_UNAUTHENTICATED: { status: Status.UNAUTHENTICATED, template: '{why}' },
+  BN_ERR_PERMISSION_DENIED: { status: Status.PERMISSION_DENIED, template: "token {id} may not {access} module '{name}'" },
+
   // Capacity and service state
   BN_ERR_TOO_MANY_MODULES: {
     status: Status.RESOURCE_EXHAUSTED,

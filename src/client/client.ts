@@ -6,6 +6,7 @@
 import {
   credentials as grpcCredentials,
   makeGenericClientConstructor,
+  Metadata as GrpcMetadata,
   type ChannelCredentials,
   type ChannelOptions,
   type Client,
@@ -113,7 +114,10 @@ export interface LoadResult {
 }
 
 export interface ClientOptions {
+  /** TLS or mutual TLS: grpc.credentials.createSsl(ca, key, cert). Plaintext by default. */
   credentials?: ChannelCredentials;
+  /** Sent as `authorization: Bearer <token>` on every call, for servers with --auth-tokens-file. */
+  token?: string;
   channelOptions?: ChannelOptions;
   /** Deadline for each call, in milliseconds; none by default. */
   deadlineMs?: number;
@@ -203,18 +207,21 @@ export class NormserveClient {
   readonly #sync: Client;
   readonly #health: Client;
   readonly #deadlineMs: number | undefined;
+  readonly #token: string | undefined;
 
   constructor(address: string, options: ClientOptions = {}) {
-    this.#stub = new grpcObject.normserve.v1.BatchNormService(address, options.credentials ?? grpcCredentials.createInsecure(), {
+    const channelCredentials = options.credentials ?? grpcCredentials.createInsecure();
+    this.#stub = new grpcObject.normserve.v1.BatchNormService(address, channelCredentials, {
       'grpc.max_receive_message_length': -1,
       'grpc.max_send_message_length': -1,
       ...options.channelOptions,
     });
     // The other services' clients share the stub's channel.
     const shared = { channelOverride: this.#stub.getChannel() };
-    this.#health = new HealthClient(address, grpcCredentials.createInsecure(), shared);
-    this.#sync = new grpcObject.normserve.v1.SyncBatchNormService(address, grpcCredentials.createInsecure(), shared);
+    this.#health = new HealthClient(address, channelCredentials, shared);
+    this.#sync = new grpcObject.normserve.v1.SyncBatchNormService(address, channelCredentials, shared);
     this.#deadlineMs = options.deadlineMs;
+    this.#token = options.token;
   }
 
   close(): void {
@@ -400,9 +407,11 @@ export class NormserveClient {
 
   #call<T>(method: string, request: object, stub: object = this.#stub): Promise<T> {
     const options = this.#deadlineMs === undefined ? {} : { deadline: Date.now() + this.#deadlineMs };
+    const metadata = new GrpcMetadata();
+    if (this.#token !== undefined) metadata.set('authorization', `Bearer ${this.#token}`);
     const fn = (stub as Record<string, Function>)[method]!;
     return new Promise<T>((resolve, reject) => {
-      fn.call(stub, request, options, (err: ServiceError | null, response: T) => (err ? reject(new NormserveClientError(err)) : resolve(response)));
+      fn.call(stub, request, metadata, options, (err: ServiceError | null, response: T) => (err ? reject(new NormserveClientError(err)) : resolve(response)));
     });
   }
 }

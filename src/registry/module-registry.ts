@@ -138,7 +138,8 @@ export class ModuleRegistry {
     });
   }
 
-  list(pageSize: number, pageToken: string): Page {
+  /** A page of the modules `visible` allows, in name order. */
+  list(pageSize: number, pageToken: string, visible: (name: string) => boolean = () => true): Page {
     let after = '';
     if (pageToken !== '') {
       after = Buffer.from(pageToken, 'base64url').toString('utf8');
@@ -147,7 +148,7 @@ export class ModuleRegistry {
       }
     }
     const size = pageSize <= 0 ? DEFAULT_PAGE_SIZE : Math.min(pageSize, MAX_PAGE_SIZE);
-    const names = [...this.#entries.keys()].filter((n) => n > after).sort();
+    const names = [...this.#entries.keys()].filter((n) => n > after && visible(n)).sort();
     const page = names.slice(0, size);
     const last = page[page.length - 1];
     return {

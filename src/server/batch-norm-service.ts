@@ -28,43 +28,43 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
   const unary = unaryWith(deps);
 
   const handlers: BatchNormServiceHandlers = {
-    CreateModule: unary((req) => {
+    CreateModule: unary('write', (req) => {
       const config = configFromWire(req.config);
       const module = registry.create(req.name, config);
       return moduleToWire(req.name, module);
     }),
-    GetModule: unary((req) => moduleToWire(req.name, registry.get(req.name))),
-    ListModules: unary((req) => {
-      const page = registry.list(req.page_size, req.page_token);
+    GetModule: unary('read', (req) => moduleToWire(req.name, registry.get(req.name))),
+    ListModules: unary('list', (req, _signal, principal) => {
+      const page = registry.list(req.page_size, req.page_token, (name) => principal.can('read', name));
       return { modules: page.modules.map(({ name, module }) => moduleToWire(name, module)), next_page_token: page.nextPageToken };
     }),
-    DeleteModule: unary(async (req) => {
+    DeleteModule: unary('write', async (req) => {
       await registry.delete(req.name);
       contexts.dropModule(req.name);
       coordinator.drop(req.name, `module '${req.name}' was deleted`);
       return {};
     }),
-    UpdateModule: unary((req) => {
+    UpdateModule: unary('write', (req) => {
       const update = updateFromWire(req);
       return registry.exclusive(req.name, (module) => {
         module.update(update);
         return moduleToWire(req.name, module);
       });
     }),
-    ResetRunningStats: unary((req) =>
+    ResetRunningStats: unary('write', (req) =>
       registry.exclusive(req.name, (module) => {
         module.resetRunningStats();
         return moduleToWire(req.name, module);
       }),
     ),
-    ResetParameters: unary((req) =>
+    ResetParameters: unary('write', (req) =>
       registry.exclusive(req.name, (module) => {
         module.resetParameters();
         return moduleToWire(req.name, module);
       }),
     ),
-    GetState: unary((req) => stateToWire(registry.get(req.name))),
-    LoadState: unary((req) => {
+    GetState: unary('read', (req) => stateToWire(registry.get(req.name))),
+    LoadState: unary('write', (req) => {
       registry.get(req.name);
       const input = loadInputFromWire(req.state, maxTensorElements);
       const version = req.state?.version ? req.state.version : null;
@@ -74,7 +74,7 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
         return { module: moduleToWire(req.name, module), missing_keys: result.missingKeys, unexpected_keys: result.unexpectedKeys };
       });
     }),
-    Forward: unary((req, signal) => {
+    Forward: unary('write', (req, signal) => {
       const target = registry.get(req.name);
       if (target.config.worldSize > 1 && target.needsSync(target.plan())) {
         throw bnError('BN_ERR_USE_SYNC', { name: req.name, worldSize: target.config.worldSize, method: 'SyncForward' });
@@ -92,7 +92,7 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
         signal,
       );
     }),
-    Backward: unary(async (req) => {
+    Backward: unary('write', async (req) => {
       const target = registry.get(req.name);
       const dy = decodeTensor(req.grad_output, { field: 'grad_output', maxElements: maxTensorElements, accept: ['FLOAT32'] });
       const { saved, group } = contexts.get(req.context_id, req.name);

@@ -2,6 +2,7 @@
  * The server: grpc-js with the BatchNorm service, grpc.health.v1 and reflection, bound to the
  * configured address; and its orderly shutdown.
  */
+import { readFileSync } from 'node:fs';
 import { Server, ServerCredentials } from '@grpc/grpc-js';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation } from 'grpc-health-check';
@@ -17,6 +18,7 @@ import { bnError } from '../errors.js';
 import { Coordinator } from '../sync/coordinator.js';
 import { addBatchNormService } from './batch-norm-service.js';
 import { addSyncBatchNormService } from './sync-batch-norm-service.js';
+import { Authenticator } from './auth.js';
 import { callLogInterceptor } from './call-log.js';
 import { Metrics } from './metrics.js';
 
@@ -50,6 +52,10 @@ export async function startServer(
     | 'host'
     | 'port'
     | 'metricsPort'
+    | 'tlsCert'
+    | 'tlsKey'
+    | 'tlsClientCa'
+    | 'authTokensFile'
     | 'dataDir'
     | 'durability'
     | 'checkpointMs'
@@ -99,7 +105,9 @@ export async function startServer(
   coordinator.restore(stored.steps);
   logger.info({ store: store.location, durability: config.durability, modules: stored.modules.length, steps: stored.steps.length }, 'state restored');
   let draining = false;
+  const auth = config.authTokensFile ? Authenticator.fromFile(config.authTokensFile) : Authenticator.disabled();
   const serviceDeps = {
+    auth,
     registry,
     contexts,
     coordinator,
@@ -118,9 +126,11 @@ export async function startServer(
   new ReflectionService(packageDefinition).addToServer(server);
 
   const host = config.host.includes(':') ? `[${config.host}]` : config.host;
+  const credentials = serverCredentials(config);
   const port = await new Promise<number>((resolve, reject) =>
-    server.bindAsync(`${host}:${config.port}`, ServerCredentials.createInsecure(), (err, bound) => (err ? reject(err) : resolve(bound))),
+    server.bindAsync(`${host}:${config.port}`, credentials, (err, bound) => (err ? reject(err) : resolve(bound))),
   );
+  logger.info({ tls: config.tlsCert !== '', mutual_tls: config.tlsClientCa !== '', authentication: auth.enabled }, 'transport security');
   const metricsServer = await metrics.serve(config.host, config.metricsPort);
   for (const s of services) health.setStatus(s, 'SERVING');
 
@@ -151,4 +161,22 @@ export async function startServer(
     return closing;
   };
   return { port, metricsPort: metricsServer.port, metrics, registry, contexts, coordinator, inFlight: () => serviceDeps.inFlight.count, shutdown };
+}
+
+/** Plaintext, TLS, or mutual TLS, from the certificate settings. */
+function serverCredentials(config: Pick<Config, 'tlsCert' | 'tlsKey' | 'tlsClientCa'>): ServerCredentials {
+  if (config.tlsCert === '' && config.tlsKey === '') {
+    if (config.tlsClientCa !== '') throw new Error('--tls-client-ca needs --tls-cert and --tls-key');
+    return ServerCredentials.createInsecure();
+  }
+  if (config.tlsCert === '' || config.tlsKey === '') throw new Error('TLS needs both --tls-cert and --tls-key');
+  const read = (path: string, what: string) => {
+    try {
+      return readFileSync(path);
+    } catch (err) {
+      throw new Error(`cannot read the ${what} ${path}: ${(err as Error).message}`);
+    }
+  };
+  const ca = config.tlsClientCa === '' ? null : read(config.tlsClientCa, 'client CA');
+  return ServerCredentials.createSsl(ca, [{ cert_chain: read(config.tlsCert, 'certificate'), private_key: read(config.tlsKey, 'private key') }], ca !== null);
 }

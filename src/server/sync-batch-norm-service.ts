@@ -86,7 +86,7 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
   }
 
   const handlers: SyncBatchNormServiceHandlers = {
-    SyncForward: unary(async (req, signal) => {
+    SyncForward: unary('write', async (req, signal) => {
       const { module, step, fail, guard } = checkCall(req, 'forward');
       const { shape, data: x } = guard(() => decodeTensor(req.input, { field: 'input', maxElements: maxTensorElements, accept: ['FLOAT32'] }));
       if (req.save_for_backward) contexts.checkFits(savedBytesFor(x.length, shape[1] ?? 0));
@@ -127,7 +127,7 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
       };
     }),
 
-    GatherStats: unary(async (req, signal) => {
+    GatherStats: unary('write', async (req, signal) => {
       const { module, step, guard } = checkCall(req, 'forward');
       const channels = module.config.numFeatures;
       const { count, mean, variance } = guard(() => {
@@ -155,7 +155,7 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
       return { count: String(stats.count), mean: vector(stats.mean), var: vector(stats.var), invstd: vector(stats.invstd), synced: true };
     }),
 
-    SyncBackward: unary(async (req, signal) => {
+    SyncBackward: unary('write', async (req, signal) => {
       const { step, fail, guard } = checkCall(req, 'backward');
       const dy = guard(() => decodeTensor(req.grad_output, { field: 'grad_output', maxElements: maxTensorElements, accept: ['FLOAT32'] }));
       const { saved, group } = contexts.get(req.context_id, req.name);
@@ -185,7 +185,7 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
       };
     }),
 
-    ReduceGrads: unary(async (req, signal) => {
+    ReduceGrads: unary('write', async (req, signal) => {
       const { module, step, fail, guard } = checkCall(req, 'backward');
       const channels = module.config.numFeatures;
       const sumDy = guard(() => statsVector(req.sum_dy, 'sum_dy', 1, channels));
@@ -196,7 +196,7 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
       return { sum_dy: vector(totals.sumDy), sum_dy_xmu: vector(totals.sumDyXmu), count: String(totals.count) };
     }),
 
-    ConvertToSync: unary((req) =>
+    ConvertToSync: unary('write', (req) =>
       registry.exclusive(req.name, (module) => {
         module.convertToSync(req.world_size || 1, syncRuleFromWire(req.sync_rule));
         coordinator.drop(req.name, `module '${req.name}' was converted to a group of ${module.config.worldSize}`);

@@ -6,6 +6,7 @@
 import type { ServerUnaryCall, sendUnaryData } from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { bnError } from '../errors.js';
+import type { Access, Authenticator, Principal } from './auth.js';
 import { toServiceError } from './status.js';
 
 export interface CallContext {
@@ -16,15 +17,34 @@ export interface CallContext {
   readonly inFlight: { count: number };
   /** At most this many handlers run at once. */
   readonly maxCalls: number;
+  readonly auth: Authenticator;
 }
 
-export type Handler<Req, Res> = (request: Req, signal: AbortSignal) => Res | Promise<Res>;
+export type Handler<Req, Res> = (request: Req, signal: AbortSignal, principal: Principal) => Res | Promise<Res>;
+
+/**
+ * What a call needs: `read` or `write` on the module it names, or `list` (any valid token; the
+ * handler shows only what the principal may read).
+ */
+export type Requirement = Access | 'list';
 
 export function unaryWith(ctx: CallContext) {
-  return function unary<Req, Res>(handler: Handler<Req, Res>) {
+  return function unary<Req, Res>(requirement: Requirement, handler: Handler<Req, Res>) {
     return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
       if (ctx.draining()) {
         callback(toServiceError(bnError('BN_ERR_SHUTTING_DOWN', {}), ctx.logger));
+        return;
+      }
+      let principal: Principal;
+      try {
+        principal = ctx.auth.authenticate(call.metadata);
+        const named = (call.request as { name?: unknown }).name;
+        const name = typeof named === 'string' ? named : '';
+        if (requirement !== 'list' && !principal.can(requirement, name)) {
+          throw bnError('BN_ERR_PERMISSION_DENIED', { id: principal.id, access: requirement, name });
+        }
+      } catch (err) {
+        callback(toServiceError(err, ctx.logger));
         return;
       }
       if (ctx.inFlight.count >= ctx.maxCalls) {
@@ -40,7 +60,7 @@ export function unaryWith(ctx: CallContext) {
       const timer = Number.isFinite(ms) ? setTimeout(() => cancel.abort(), Math.max(0, ms)) : undefined;
       ctx.inFlight.count++;
       Promise.resolve()
-        .then(() => handler(call.request, cancel.signal))
+        .then(() => handler(call.request, cancel.signal, principal))
         .then(
           (response) => callback(null, response),
           (err: unknown) => callback(toServiceError(err, ctx.logger)),
