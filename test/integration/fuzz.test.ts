@@ -68,7 +68,7 @@ const dim = fc.oneof(
   { weight: 1, arbitrary: fc.constantFrom('9007199254740993', '4294967296', '-1', '0') },
 );
 // Shapes that fit one of the modules (so that valid requests, NaN and infinities included, get through).
-const fitting = fc.constantFrom(['4', '3', '2', '2'], ['1', '3', '5', '5'], ['0', '3', '2', '2'], ['2', '4'], ['3', '4', '5'], ['1', '4'], ['2', '2', '3', '1', '1'], ['5', '2']);
+const fitting = fc.constantFrom<string[]>(['4', '3', '2', '2'], ['1', '3', '5', '5'], ['0', '3', '2', '2'], ['2', '4'], ['3', '4', '5'], ['1', '4'], ['2', '2', '3', '1', '1'], ['5', '2']);
 const shape = fc.oneof(
   { weight: 5, arbitrary: fc.array(dim, { maxLength: 7 }) },
   { weight: 4, arbitrary: fitting },

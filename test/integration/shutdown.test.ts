@@ -1,4 +1,6 @@
 /** Graceful shutdown of an embedded server: calls in flight finish, new calls are refused, stragglers are cut. */
+import { credentials, makeGenericClientConstructor, type ClientReadableStream } from '@grpc/grpc-js';
+import { service as healthService } from 'grpc-health-check';
 import { describe, expect, it } from 'vitest';
 import { NormserveClient } from '../../src/client/client.js';
 import { Status } from '../../src/errors.js';
@@ -29,6 +31,31 @@ describe('shutdown', () => {
     await stopped;
     client.close();
     other.close();
+  });
+
+  it('turns health to NOT_SERVING for watchers as soon as it begins', async () => {
+    const server = await startTestServer();
+    const Health = makeGenericClientConstructor(healthService as never, 'Health');
+    const health = new Health(server.address, credentials.createInsecure()) as unknown as {
+      Watch(request: { service: string }): ClientReadableStream<{ status: string }>;
+      close(): void;
+    };
+    const watch = health.Watch({ service: 'normserve.v1.BatchNormService' });
+    const seen: string[] = [];
+    const notServing = new Promise<void>((resolve) => {
+      watch.on('data', (r) => {
+        seen.push(r.status);
+        if (r.status === 'NOT_SERVING') resolve();
+      });
+    });
+    watch.on('error', () => {});
+    while (seen.length === 0) await new Promise((r) => setTimeout(r, 2));
+    const stopped = server.running.shutdown(2000);
+    await notServing;
+    expect(seen).toEqual(['SERVING', 'NOT_SERVING']);
+    watch.cancel();
+    health.close();
+    await stopped;
   });
 
   it('cancels calls still running when the grace period ends', async () => {
