@@ -4,16 +4,15 @@
  * server in strict and in relaxed mode, each in its own process with its own data directory; and
  * the store's own write of one module (C = 64) with an fsync, timed in-process.
  */
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { NormserveClient } from '../src/client/client.js';
 import { BatchNorm } from '../src/nn/batch-norm.js';
 import { resolveConfig } from '../src/nn/config.js';
 import { SqliteStore } from '../src/store/sqlite-store.js';
+import { startServerProcess } from './server-process.js';
 
 const CALLS = 600;
 const WARMUP = 50;
@@ -21,19 +20,8 @@ const log = (text: string) => process.stderr.write(`${text}\n`);
 const median = (a: number[]) => [...a].sort((x, y) => x - y)[a.length >> 1]!;
 
 async function server(args: string[]) {
-  const dataDir = mkdtempSync(join(tmpdir(), 'normserve-bench-'));
-  const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir, '--metrics-port', '0', ...args], {
-    stdio: ['ignore', 'pipe', 'inherit'],
-  });
-  const port = await new Promise<number>((resolve, reject) => {
-    createInterface({ input: child.stdout! }).on('line', (line) => {
-      const entry = JSON.parse(line) as { msg?: string; port?: number };
-      if (entry.msg === 'normserve listening') resolve(entry.port!);
-    });
-    child.once('exit', (code) => reject(new Error(`server exited with ${code}`)));
-  });
-  child.stdout!.resume();
-  return { child, client: new NormserveClient(`127.0.0.1:${port}`) };
+  const { child, address } = await startServerProcess(['--backend', 'reference', ...args]);
+  return { child, client: new NormserveClient(address) };
 }
 
 async function time(fn: (i: number) => Promise<unknown>): Promise<number> {

@@ -12,14 +12,12 @@
  *
  *   node dist/bench/loadtest.js [--seconds 5] [--max-calls 20000] [--durability strict|relaxed]
  */
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdirSync, mkdtempSync, readFileSync, writeFileSync } from 'node:fs';
-import { cpus, tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { createInterface } from 'node:readline';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { cpus } from 'node:os';
 import { parseArgs } from 'node:util';
 import { NormserveClient, NormserveClientError } from '../src/client/client.js';
+import { startServerProcess } from './server-process.js';
 
 const { values } = parseArgs({
   options: { seconds: { type: 'string', default: '5' }, 'max-calls': { type: 'string', default: '20000' }, durability: { type: 'string', default: 'strict' } },
@@ -41,22 +39,9 @@ const log = (text: string) => process.stderr.write(`${text}\n`);
 const quantile = (sorted: number[], q: number) => (sorted.length === 0 ? 0 : sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]!);
 
 async function startServer() {
-  const dataDir = mkdtempSync(join(tmpdir(), 'normserve-load-'));
   // The per-call log goes to a pipe that is read and dropped: its cost is part of the load.
-  const server = spawn(
-    process.execPath,
-    ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--metrics-port', '0', '--backend', 'webasm', '--data-dir', dataDir, '--durability', values.durability!],
-    { stdio: ['ignore', 'pipe', 'inherit'] },
-  );
-  const port = await new Promise<number>((resolve, reject) => {
-    createInterface({ input: server.stdout! }).on('line', (line) => {
-      const entry = JSON.parse(line) as { msg?: string; port?: number };
-      if (entry.msg === 'normserve listening') resolve(entry.port!);
-    });
-    server.once('exit', (code) => reject(new Error(`server exited with ${code}`)));
-  });
-  server.stdout!.resume();
-  return { server, address: `127.0.0.1:${port}` };
+  const { child, address } = await startServerProcess(['--backend', 'webasm', '--durability', values.durability!]);
+  return { server: child, address };
 }
 
 function peakRss(pid: number): number {

@@ -10,11 +10,10 @@
  */
 import { spawn } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdirSync, mkdtempSync, writeFileSync } from 'node:fs';
-import { cpus, tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { createInterface } from 'node:readline';
+import { mkdirSync, writeFileSync } from 'node:fs';
+import { cpus } from 'node:os';
 import { NormserveClient } from '../src/client/client.js';
+import { startServerProcess } from './server-process.js';
 
 const CHANNELS = 64;
 const GROUPS: { world: number; warmup: number; steps: number }[] = [
@@ -26,20 +25,8 @@ const log = (text: string) => process.stderr.write(`${text}\n`);
 const quantile = (sorted: number[], q: number) => sorted[Math.min(sorted.length - 1, Math.floor(q * sorted.length))]!;
 
 async function startServer() {
-  // The server's log goes to a pipe that is read and dropped, so that writing it costs what it
-  // would in production and never blocks.
-  const dataDir = mkdtempSync(join(tmpdir(), 'normserve-bench-'));
-  const args = ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir, '--metrics-port', '0'];
-  const server = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
-  const port = await new Promise<number>((resolve, reject) => {
-    createInterface({ input: server.stdout! }).on('line', (line) => {
-      const entry = JSON.parse(line) as { msg?: string; port?: number };
-      if (entry.msg === 'normserve listening') resolve(entry.port!);
-    });
-    server.once('exit', (code) => reject(new Error(`server exited with ${code}`)));
-  });
-  server.stdout!.resume();
-  return { server, address: `127.0.0.1:${port}` };
+  const { child, address } = await startServerProcess(['--backend', 'reference']);
+  return { server: child, address };
 }
 
 async function main() {

@@ -2,27 +2,22 @@
  * Backward through a real server: saved contexts, their lifetime and budget, and the errors that
  * say why a context is gone. (Gradient values are checked against PyTorch by the golden tests.)
  */
-import { Writable } from 'node:stream';
-import { pino } from 'pino';
 import { afterEach, describe, expect, it } from 'vitest';
 import { NormserveClient } from '../../src/client/client.js';
 import type { Config } from '../../src/config.js';
 import { Status } from '../../src/errors.js';
 import { channelData } from '../support/data.js';
+import { capturedLogger } from '../support/log-capture.js';
 import { startTestServer, type TestServer } from '../support/server.js';
 
 let server: TestServer | undefined;
 let client: NormserveClient | undefined;
-const logs: Record<string, unknown>[] = [];
+let logs: Record<string, unknown>[] = [];
 
 async function start(overrides: Partial<Config> = {}) {
-  const sink = new Writable({
-    write(chunk, _enc, done) {
-      for (const line of String(chunk).split('\n').filter(Boolean)) logs.push(JSON.parse(line));
-      done();
-    },
-  });
-  server = await startTestServer(overrides, pino({ level: 'warn' }, sink));
+  const captured = capturedLogger('warn');
+  server = await startTestServer(overrides, captured.logger);
+  logs = captured.lines;
   client = new NormserveClient(server.address);
   await client.createModule('bn', { kind: 'BATCH_NORM_2D', numFeatures: 4 });
   return client;

@@ -9,18 +9,18 @@
  * just before the kill). The group's counter shows every acknowledged step once; a retry of the
  * step in flight gets the committed result if it committed, and runs it if it did not.
  */
-import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import type { ChildProcessWithoutNullStreams } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { afterAll, describe, expect, it } from 'vitest';
 import { NormserveClient, type StepStats } from '../../src/client/client.js';
 import { createReferenceKernels } from '../../src/kernels/reference.js';
 import { BatchNorm, torchSize } from '../../src/nn/batch-norm.js';
 import { resolveConfig, type ModuleConfigInput } from '../../src/nn/config.js';
 import { mergeStats } from '../../src/sync/merge.js';
+import { startServerProcess } from '../../bench/server-process.js';
 import { channelData } from '../support/data.js';
 
 const KILLS = 24;
@@ -102,16 +102,7 @@ const dataDir = mkdtempSync(join(tmpdir(), 'normserve-crash-'));
 let server: Server | undefined;
 
 async function start(): Promise<Server> {
-  const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir, '--metrics-port', '0', '--log-level', 'info']);
-  child.stderr.resume();
-  const port = await new Promise<number>((resolve, reject) => {
-    createInterface({ input: child.stdout }).on('line', (line) => {
-      const entry = JSON.parse(line) as { msg?: string; port?: number };
-      if (entry.msg === 'normserve listening') resolve(entry.port!);
-    });
-    child.once('exit', (code) => reject(new Error(`server exited with ${code}`)));
-  });
-  const address = `127.0.0.1:${port}`;
+  const { child, address } = await startServerProcess(['--backend', 'reference'], dataDir);
   return { child, client: new NormserveClient(address), ranks: [new NormserveClient(address), new NormserveClient(address)] };
 }
 

@@ -4,15 +4,14 @@
  * most its last interval on a crash (the crash-test harness in crash.test.ts covers strict mode
  * under SIGKILL at random moments).
  */
-import { spawn } from 'node:child_process';
 import { once } from 'node:events';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { describe, expect, it } from 'vitest';
 import { NormserveClient } from '../../src/client/client.js';
 import { Status } from '../../src/errors.js';
+import { startServerProcess } from '../../bench/server-process.js';
 import { channelData } from '../support/data.js';
 import { startTestServer } from '../support/server.js';
 
@@ -84,15 +83,8 @@ describe('a restart', () => {
 
 /** The real program, as a child process on a data directory. */
 async function startProgram(dataDir: string, args: string[] = []) {
-  const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--backend', 'reference', '--data-dir', dataDir, '--metrics-port', '0', ...args]);
-  const port = await new Promise<number>((resolve, reject) => {
-    createInterface({ input: child.stdout }).on('line', (line) => {
-      const entry = JSON.parse(line) as { msg?: string; port?: number };
-      if (entry.msg === 'normserve listening') resolve(entry.port!);
-    });
-    child.once('exit', (code) => reject(new Error(`exited with ${code}`)));
-  });
-  return { child, client: new NormserveClient(`127.0.0.1:${port}`) };
+  const { child, address } = await startServerProcess(['--backend', 'reference', ...args], dataDir);
+  return { child, client: new NormserveClient(address) };
 }
 
 describe('relaxed durability', () => {

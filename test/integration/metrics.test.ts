@@ -1,26 +1,21 @@
 /** The Prometheus endpoint and request ids, through a real server. */
 import { credentials, Metadata, type ServiceError } from '@grpc/grpc-js';
-import { Writable } from 'node:stream';
-import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NormserveClient } from '../../src/client/client.js';
 import type { BatchNormServiceClient } from '../../src/generated/normserve/v1/BatchNormService.js';
 import { grpcObject } from '../../src/wire/proto.js';
 import { channelData } from '../support/data.js';
+import { capturedLogger } from '../support/log-capture.js';
 import { startTestServer, type TestServer } from '../support/server.js';
 
 let server: TestServer;
 let client: NormserveClient;
-const logs: Record<string, unknown>[] = [];
+let logs: Record<string, unknown>[] = [];
 
 beforeAll(async () => {
-  const sink = new Writable({
-    write(chunk, _enc, done) {
-      for (const line of String(chunk).split('\n').filter(Boolean)) logs.push(JSON.parse(line));
-      done();
-    },
-  });
-  server = await startTestServer({}, pino({ level: 'info' }, sink));
+  const captured = capturedLogger('info');
+  server = await startTestServer({}, captured.logger);
+  logs = captured.lines;
   client = new NormserveClient(server.address);
 });
 afterAll(async () => {

@@ -3,26 +3,21 @@ import { credentials, loadPackageDefinition, type GrpcObject, type ServiceClient
 import { loadSync } from '@grpc/proto-loader';
 import { createRequire } from 'node:module';
 import { dirname, join } from 'node:path';
-import { Writable } from 'node:stream';
-import { pino } from 'pino';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NormserveClient, NormserveClientError } from '../../src/client/client.js';
 import { Status } from '../../src/errors.js';
 import { channelData } from '../support/data.js';
+import { capturedLogger } from '../support/log-capture.js';
 import { startTestServer, type TestServer } from '../support/server.js';
 
 let server: TestServer;
 let client: NormserveClient;
-const logLines: Record<string, unknown>[] = [];
+let logLines: Record<string, unknown>[] = [];
 
 beforeAll(async () => {
-  const sink = new Writable({
-    write(chunk, _enc, done) {
-      for (const line of String(chunk).split('\n').filter(Boolean)) logLines.push(JSON.parse(line));
-      done();
-    },
-  });
-  server = await startTestServer({}, pino({ level: 'info' }, sink));
+  const captured = capturedLogger('info');
+  server = await startTestServer({}, captured.logger);
+  logLines = captured.lines;
   client = new NormserveClient(server.address);
 });
 afterAll(async () => {

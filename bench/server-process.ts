@@ -1,0 +1,30 @@
+/**
+ * The real program as a child process (`node dist/src/main.js`, after `npm run build`), on
+ * 127.0.0.1 with free ports and, unless the arguments name one, a data directory of its own.
+ * Resolves once it listens. Used by the benchmarks and by tests that kill and restart it.
+ */
+import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+
+export interface ServerProcess {
+  readonly child: ChildProcessWithoutNullStreams;
+  readonly address: string;
+  readonly dataDir: string;
+}
+
+export async function startServerProcess(args: readonly string[] = [], dataDir = mkdtempSync(join(tmpdir(), 'normserve-'))): Promise<ServerProcess> {
+  const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--metrics-port', '0', '--data-dir', dataDir, ...args]);
+  child.stderr.resume();
+  const port = await new Promise<number>((resolve, reject) => {
+    // Every line is read: the per-call log goes to this pipe, and an unread pipe would block it.
+    createInterface({ input: child.stdout }).on('line', (line) => {
+      const entry = JSON.parse(line) as { msg?: string; port?: number };
+      if (entry.msg === 'normserve listening') resolve(entry.port!);
+    });
+    child.once('exit', (code) => reject(new Error(`normserve exited with ${code} before listening`)));
+  });
+  return { child, address: `127.0.0.1:${port}`, dataDir };
+}
