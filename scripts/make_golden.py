@@ -125,18 +125,17 @@ def shape_of_rank(rank, n=2, c=3, size=2):
     return (n, c) + (size,) * (rank - 2) if rank >= 2 else (c,) * rank
 
 
+def config_of(num_features, eps, momentum, affine, track, **group):
+    """The constructor arguments as the fixtures record them (plus a group's, for sync)."""
+    return dict({"num_features": num_features, "eps": eps, "momentum": momentum, "affine": affine, "track_running_stats": track}, **group)
+
+
 class Scenario:
     def __init__(self, sid, description, kind, num_features=3, eps=1e-5, momentum=0.1, affine=True, track=True, precision=False):
         self.id = sid
         self.description = description
         self.kind = kind
-        self.config = {
-            "num_features": num_features,
-            "eps": eps,
-            "momentum": momentum,
-            "affine": affine,
-            "track_running_stats": track,
-        }
+        self.config = config_of(num_features, eps, momentum, affine, track)
         torch.manual_seed(BASE_SEED + zlib.crc32(sid.encode()))
         self.m = KINDS[kind](num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track)
         self.twin = copy.deepcopy(self.m).double() if precision else None
@@ -724,15 +723,7 @@ class SyncScenario:
         self.description = description
         self.world_size = world_size
         self.rule = rule
-        self.config = {
-            "num_features": num_features,
-            "eps": eps,
-            "momentum": momentum,
-            "affine": affine,
-            "track_running_stats": track,
-            "world_size": world_size,
-            "sync_rule": rule,
-        }
+        self.config = config_of(num_features, eps, momentum, affine, track, world_size=world_size, sync_rule=rule)
         torch.manual_seed(BASE_SEED + zlib.crc32(sid.encode()))
         self.m = SyncBatchNorm(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=track)
         self.initial = state_of(self.m)

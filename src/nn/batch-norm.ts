@@ -375,9 +375,7 @@ export class BatchNorm {
       const batch = await kernels.stats(x, layout);
       stats = this.#fromBatch(batch.mean, batch.m2, count, plan);
     } else {
-      const mean = Float64Array.from(plan.runningMean!);
-      const invstd = Float64Array.from(plan.runningVar!, (v) => 1 / Math.sqrt(v + this.#eps));
-      stats = { mean, invstd, runningMean: null, runningVar: null };
+      stats = { mean: Float64Array.from(plan.runningMean!), invstd: this.runningInvstd(plan.runningVar!), runningMean: null, runningVar: null };
     }
     const y = await this.normalize(x, layout, stats.mean, stats.invstd, kernels);
     const saved = save ? this.#saved(shape, x.slice(), stats.mean, stats.invstd, count, plan.bnTraining) : null;
@@ -402,6 +400,18 @@ export class BatchNorm {
     const stats = this.#fromBatch(merged.mean, merged.m2, merged.count, plan);
     this.#commitRunning(stats);
     return stats;
+  }
+
+  /** invstd from biased batch variances: 1/sqrt(var + eps), or 0 where var and eps are both 0 (§4). */
+  batchInvstd(variance: Float64Array): Float64Array {
+    const eps = this.#eps;
+    return variance.map((v) => (v === 0 && eps === 0 ? 0 : 1 / Math.sqrt(v + eps)));
+  }
+
+  /** invstd from running variances: 1/sqrt(var + eps), with no guard (§4: rv = 0, eps = 0 gives inf). */
+  runningInvstd(variance: Float32Array): Float64Array {
+    const eps = this.#eps;
+    return Float64Array.from(variance, (v) => 1 / Math.sqrt(v + eps));
   }
 
   /** y = (x − mean) · invstd · w + b, with the weight and bias as they are now. */
@@ -429,17 +439,14 @@ export class BatchNorm {
 
   /** invstd from batch statistics, with the eps = 0 guard, and the buffers' new values. */
   #fromBatch(mean: Float64Array, m2: Float64Array, count: number, plan: ForwardPlan) {
-    const eps = this.#eps;
     const channels = mean.length;
-    const invstd = new Float64Array(channels);
+    const invstd = this.batchInvstd(m2.map((v) => v / count));
     const rm = plan.runningMean;
     const rv = plan.runningVar;
     const runningMean = rm ? new Float32Array(channels) : null;
     const runningVar = rv ? new Float32Array(channels) : null;
     const m = plan.factor;
     for (let ch = 0; ch < channels; ch++) {
-      const biased = m2[ch]! / count;
-      invstd[ch] = biased === 0 && eps === 0 ? 0 : 1 / Math.sqrt(biased + eps);
       if (runningMean) runningMean[ch] = m * mean[ch]! + (1 - m) * rm![ch]!;
       if (runningVar) runningVar[ch] = m * (m2[ch]! / (count - 1)) + (1 - m) * rv![ch]!;
     }

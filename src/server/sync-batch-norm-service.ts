@@ -44,7 +44,7 @@ interface Checked {
   readonly guard: <T>(check: () => T) => T;
 }
 
-const vector = (values: Float64Array | readonly number[]) => Array.from(values);
+const vector = (values: ArrayLike<number>) => Array.from(values);
 
 export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): void {
   const { registry, contexts, coordinator, kernels, maxTensorElements } = deps;
@@ -137,18 +137,15 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
         return { count: n, mean: statsVector(req.mean, 'mean', n, channels), variance: statsVector(req.var, 'var', n, channels, true) };
       });
       const plan = module.plan();
-      const eps = module.snapshot().eps;
-      const invstdOf = (v: Float64Array) => v.map((x) => (x === 0 && eps === 0 ? 0 : 1 / Math.sqrt(x + eps)));
       if (!module.needsSync(plan)) {
         if (!plan.bnTraining) {
           // Eval with buffers: the running statistics are what normalises.
-          const rm = Float64Array.from(plan.runningMean!);
-          const rv = Float64Array.from(plan.runningVar!);
-          return { count: String(count), mean: vector(rm), var: vector(rv), invstd: vector(rv.map((v) => 1 / Math.sqrt(v + eps))), synced: false };
+          const rv = plan.runningVar!;
+          return { count: String(count), mean: vector(plan.runningMean!), var: vector(rv), invstd: vector(module.runningInvstd(rv)), synced: false };
         }
         // PyTorch 1.9's rule in eval without buffers: this rank's own batch statistics.
         if (count === 1) throw bnError('BN_ERR_ONE_VALUE_PER_CHANNEL', { size: `torch.Size([1, ${channels}])` });
-        return { count: String(count), mean: vector(mean), var: vector(variance), invstd: vector(invstdOf(variance)), synced: false };
+        return { count: String(count), mean: vector(mean), var: vector(variance), invstd: vector(module.batchInvstd(variance)), synced: false };
       }
       const m2 = variance.map((v) => v * count);
       const stats = await coordinator.gather(req.name, step, req.rank, req.world_size, { count, mean, m2, channels }, signal);

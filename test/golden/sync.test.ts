@@ -10,50 +10,12 @@ import { NormserveClient, NormserveClientError } from '../../src/client/client.j
 import { layoutOf } from '../../src/kernels/kernels.js';
 import { referenceGradInput, referenceGradSums, referenceNormalize, referenceStats } from '../../src/kernels/reference.js';
 import { TOL, expectClose } from '../support/compare.js';
-import { float32, loadGolden, values, type FixtureTensor, type ModuleStateFixture } from '../support/fixtures.js';
+import { float32, values, type ModuleStateFixture } from '../support/fixtures.js';
 import { expectedStatus } from '../support/run-scenario.js';
 import { startTestServer, type TestServer } from '../support/server.js';
+import { createGroupModule, loadSyncScenarios, type SyncStep } from '../support/sync-fixtures.js';
 
-interface SyncStep {
-  op: 'step' | 'update';
-  step?: number;
-  training?: boolean;
-  track_running_stats?: boolean;
-  shards?: FixtureTensor[];
-  grad_outputs?: FixtureTensor[];
-  expect: {
-    synced?: boolean;
-    outputs?: FixtureTensor[];
-    count?: number;
-    mean?: FixtureTensor;
-    var?: FixtureTensor;
-    invstd?: FixtureTensor;
-    grad_inputs?: FixtureTensor[];
-    grad_weight?: FixtureTensor[];
-    grad_bias?: FixtureTensor[];
-    grad_weight_total?: FixtureTensor;
-    grad_bias_total?: FixtureTensor;
-    error?: { type: string; message: string };
-  };
-  after: ModuleStateFixture;
-}
-
-interface SyncScenario {
-  id: string;
-  config: {
-    num_features: number;
-    eps: number;
-    momentum: number | null;
-    affine: boolean;
-    track_running_stats: boolean;
-    world_size: number;
-    sync_rule: 'SYNC_WHEN_BATCH_STATS' | 'SYNC_WHEN_TRAINING';
-  };
-  initial: ModuleStateFixture;
-  steps: SyncStep[];
-}
-
-const scenarios = loadGolden().find((f) => f.group === 'sync')!.scenarios as unknown as SyncScenario[];
+const scenarios = loadSyncScenarios();
 
 let server: TestServer;
 const clients: NormserveClient[] = [];
@@ -66,24 +28,6 @@ afterAll(async () => {
   for (const c of clients) c.close();
   await server?.stop();
 });
-
-async function setUp(scenario: SyncScenario, name: string) {
-  const c = scenario.config;
-  const admin = clients[0]!;
-  await admin.createModule(name, {
-    kind: 'SYNC_BATCH_NORM',
-    numFeatures: c.num_features,
-    eps: c.eps,
-    momentum: c.momentum,
-    affine: c.affine,
-    trackRunningStats: c.track_running_stats,
-    worldSize: c.world_size,
-    syncRule: c.sync_rule,
-  });
-  if (scenario.initial.weight) {
-    await admin.loadState(name, { weight: float32(scenario.initial.weight), bias: float32(scenario.initial.bias!) }, { strict: false });
-  }
-}
 
 async function checkState(name: string, expected: ModuleStateFixture, where: string) {
   const admin = clients[0]!;
@@ -121,7 +65,7 @@ function checkStep(step: SyncStep, rank: number, got: { output: Float32Array; gr
 describe.each(scenarios.map((s) => [s.id, s] as const))('%s', (id, scenario) => {
   it('in full-shard mode (SyncForward, SyncBackward)', async () => {
     const name = `sync-shard/${id}`;
-    await setUp(scenario, name);
+    await createGroupModule(clients[0]!, name, scenario);
     const world = scenario.config.world_size;
     for (const [i, step] of scenario.steps.entries()) {
       const where = `${id} step ${i}`;
@@ -171,7 +115,7 @@ describe.each(scenarios.map((s) => [s.id, s] as const))('%s', (id, scenario) => 
 
   it('in statistics-only mode (GatherStats, ReduceGrads), normalising on the client', async () => {
     const name = `sync-stats/${id}`;
-    await setUp(scenario, name);
+    await createGroupModule(clients[0]!, name, scenario);
     const world = scenario.config.world_size;
     const admin = clients[0]!;
     for (const [i, step] of scenario.steps.entries()) {

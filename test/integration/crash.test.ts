@@ -81,15 +81,9 @@ async function observed(client: NormserveClient, name: string) {
   return { training: m.training, ...s };
 }
 
+/** What `observed` reads from the server, from a module of the replay. */
 function expectedOf(m: BatchNorm) {
-  const s = m.snapshot();
-  const out: Record<string, unknown> = { training: s.training };
-  if (s.weight) out.weight = s.weight;
-  if (s.bias) out.bias = s.bias;
-  if (s.runningMean) out.running_mean = s.runningMean;
-  if (s.runningVar) out.running_var = s.runningVar;
-  if (s.numBatchesTracked !== null) out.num_batches_tracked = s.numBatchesTracked;
-  return out;
+  return { training: m.training, ...m.stateDict() };
 }
 
 interface Server {

@@ -12,22 +12,9 @@ import { join, resolve } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NormserveClient } from '../../src/client/client.js';
 import { TOL, expectClose } from '../support/compare.js';
-import { float32, loadGolden, values, type FixtureTensor } from '../support/fixtures.js';
+import { values } from '../support/fixtures.js';
 import { startTestServer, type TestServer } from '../support/server.js';
-
-interface Step {
-  op: string;
-  step?: number;
-  shards?: FixtureTensor[];
-  grad_outputs?: FixtureTensor[];
-  expect: { outputs?: FixtureTensor[]; grad_inputs?: FixtureTensor[]; error?: unknown };
-}
-interface Scenario {
-  id: string;
-  config: { num_features: number; world_size: number; affine: boolean; momentum: number | null; eps: number; track_running_stats: boolean };
-  initial: { weight: FixtureTensor | null; bias: FixtureTensor | null };
-  steps: Step[];
-}
+import { createGroupModule, loadSyncScenarios } from '../support/sync-fixtures.js';
 
 const RANK_SCRIPT = `
 import { readFileSync } from 'node:fs';
@@ -62,7 +49,7 @@ const decode = (b64: string) => {
   return a;
 };
 
-const scenarios = (loadGolden().find((f) => f.group === 'sync')!.scenarios as unknown as Scenario[]).filter(
+const scenarios = loadSyncScenarios().filter(
   (s) => s.config.world_size >= 2 && s.steps.every((st) => !st.expect.error),
 );
 
@@ -85,16 +72,7 @@ describe('ranks in separate processes', () => {
   it.each(scenarios.slice(0, 4).map((s) => [s.id, s] as const))('%s', async (id, scenario) => {
     const name = `processes/${id}`;
     const c = scenario.config;
-    await admin.createModule(name, {
-      kind: 'SYNC_BATCH_NORM',
-      numFeatures: c.num_features,
-      eps: c.eps,
-      momentum: c.momentum,
-      affine: c.affine,
-      trackRunningStats: c.track_running_stats,
-      worldSize: c.world_size,
-    });
-    if (scenario.initial.weight) await admin.loadState(name, { weight: float32(scenario.initial.weight), bias: float32(scenario.initial.bias!) }, { strict: false });
+    await createGroupModule(admin, name, scenario);
     // The training steps before the first update (the children run the group's steps in order).
     const firstUpdate = scenario.steps.findIndex((s) => s.op !== 'step');
     const steps = firstUpdate === -1 ? scenario.steps : scenario.steps.slice(0, firstUpdate);

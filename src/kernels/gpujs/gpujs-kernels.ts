@@ -100,21 +100,17 @@ export class GpuJsKernels implements Kernels {
     const lo = new Float32Array(c);
     for (let ch = 0; ch < c; ch++) hi[ch] = coarse(x[ch * s]!);
     const sums = flatten(await this.#run(this.#sums, [2 * cells], [x, c, s, count, parts, block, hi, lo, 1, 1]), 2 * cells);
-    const mean = new Float64Array(c);
-    for (let ch = 0; ch < c; ch++) {
-      mean[ch] = hi[ch]! + total(sums, ch, true) / count;
-      hi[ch] = mean[ch]!;
-      lo[ch] = mean[ch]! - hi[ch]!;
-    }
+    const mean = Float64Array.from(hi, (shift, ch) => shift + total(sums, ch, true) / count);
     // Second pass: squared deviations from it.
-    const squares = flatten(await this.#run(this.#sums, [cells], [x, c, s, count, parts, block, hi, lo, 2, 1]), cells);
+    const [meanHi, meanLo] = split(mean);
+    const squares = flatten(await this.#run(this.#sums, [cells], [x, c, s, count, parts, block, meanHi, meanLo, 2, 1]), cells);
     const m2 = new Float64Array(c);
     for (let ch = 0; ch < c; ch++) m2[ch] = total(squares, ch, false);
     if (this.backend === 'cpu') {
       // gpu.js's cpu kernels add in float64 and round only their results to float32, which the
       // compensation cannot see. Their deviations from the mean are exact, though: one more pass
       // sums them and corrects mean and m2 (the corrected two-pass algorithm).
-      const deviations = flatten(await this.#run(this.#sums, [cells], [x, c, s, count, parts, block, hi, lo, 1, 1]), cells);
+      const deviations = flatten(await this.#run(this.#sums, [cells], [x, c, s, count, parts, block, meanHi, meanLo, 1, 1]), cells);
       for (let ch = 0; ch < c; ch++) {
         const d = total(deviations, ch, false);
         mean[ch] = mean[ch]! + d / count;
