@@ -107,6 +107,13 @@ export const SETTINGS = {
     schema: int(1024, 2 ** 31 - 1),
     description: 'Largest gRPC message received or sent, in bytes (64 MiB of tensor plus 1 MiB).',
   },
+  flowControlWindow: {
+    flag: 'flow-control-window',
+    env: 'NORMSERVE_FLOW_CONTROL_WINDOW',
+    default: 16_777_216,
+    schema: int(65_535, 2 ** 31 - 1),
+    description: 'HTTP/2 flow-control window the server advertises, per stream and per connection, in bytes (65535 keeps HTTP/2\'s default).',
+  },
   maxTensorElements: {
     flag: 'max-tensor-elements',
     env: 'NORMSERVE_MAX_TENSOR_ELEMENTS',

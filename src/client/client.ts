@@ -22,6 +22,7 @@ import type { ModuleKind } from '../nn/config.js';
 import type { StateDict } from '../nn/state-dict.js';
 import { ErrorInfo, RpcStatus, grpcObject } from '../wire/proto.js';
 import { encodeTensor } from '../wire/tensor-codec.js';
+import { clientChannelOptions } from '../wire/transport.js';
 
 /** A state_dict; an absent key is one the module does not have (None). */
 export type { ModuleKind, StateDict };
@@ -119,6 +120,8 @@ export interface ClientOptions {
   /** Sent as `authorization: Bearer <token>` on every call, for servers with --auth-tokens-file. */
   token?: string;
   channelOptions?: ChannelOptions;
+  /** HTTP/2 flow-control window of the client's end, in bytes (default 16 MiB; 65535 keeps HTTP/2's default). */
+  flowControlWindow?: number;
   /** Deadline for each call, in milliseconds; none by default. */
   deadlineMs?: number;
 }
@@ -212,8 +215,7 @@ export class NormserveClient {
   constructor(address: string, options: ClientOptions = {}) {
     const channelCredentials = options.credentials ?? grpcCredentials.createInsecure();
     this.#stub = new grpcObject.normserve.v1.BatchNormService(address, channelCredentials, {
-      'grpc.max_receive_message_length': -1,
-      'grpc.max_send_message_length': -1,
+      ...clientChannelOptions(options.flowControlWindow),
       ...options.channelOptions,
     });
     // The other services' clients share the stub's channel.

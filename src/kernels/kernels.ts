@@ -45,6 +45,45 @@ export interface GradInputParams {
   readonly k: Float64Array;
 }
 
+/** What a fused training forward needs besides x: the affine parameters and eps. */
+export interface TrainForwardParams {
+  /** Per channel: the weight, or 1 without affine parameters. */
+  readonly weight: Float64Array;
+  /** Per channel: the bias, or 0 without affine parameters. */
+  readonly bias: Float64Array;
+  readonly eps: number;
+}
+
+/** What a fused backward needs besides x and dy: the saved forward's per-channel values. */
+export interface BackwardParams {
+  readonly mean: Float64Array;
+  readonly invstd: Float64Array;
+  /** Per channel: the weight, or 1 without affine parameters. */
+  readonly weight: Float64Array;
+  /** Whether the forward normalised with batch statistics (the gradient then flows through them). */
+  readonly batchStats: boolean;
+  /** Values per channel in the forward's batch (n * s). */
+  readonly count: number;
+}
+
+/**
+ * Optional: whole passes in one submission, for backends where each kernel call costs an upload
+ * and a readback (gpu.js pipelines). The results must equal what the separate kernels give.
+ */
+export interface FusedKernels {
+  /**
+   * A training forward: the batch statistics, then y = (x − mean) · invstd · weight + bias with
+   * invstd = 1 / sqrt(m2 / count + eps), or 0 where m2 and eps are both 0. Requires n * s > 1.
+   */
+  trainForward(x: Float32Array, layout: Layout, params: TrainForwardParams): Promise<{ stats: ChannelStats; output: Float32Array }>;
+  /**
+   * A backward whose statistics were this shard's own (not a SyncBatchNorm group's): the sums of
+   * `gradSums`, then grad_input = w·invstd·(dy − S1/n − (x − mean)·invstd²·S2/n) with batch
+   * statistics, or dy·w·invstd without.
+   */
+  backward(x: Float32Array, dy: Float32Array, layout: Layout, params: BackwardParams): Promise<{ sums: GradSums; gradInput: Float32Array }>;
+}
+
 export interface Kernels {
   readonly backend: BackendName;
   /** A line for logs: what runs underneath (adapter, renderer, executor). */
@@ -57,6 +96,13 @@ export interface Kernels {
   gradSums(x: Float32Array, dy: Float32Array, layout: Layout, mean: Float64Array): Promise<GradSums>;
   /** The input gradient, in a new array of x's length. */
   gradInput(x: Float32Array, dy: Float32Array, layout: Layout, params: GradInputParams): Promise<Float32Array>;
+  /** Fused passes, where the backend has them. */
+  readonly fused?: FusedKernels;
+  /**
+   * A float32 array of `length` elements in the memory this backend reads fastest (shared memory
+   * for worker threads); the wire decodes tensors into it. Plain memory where absent.
+   */
+  allocate?(length: number): Float32Array;
   /** Releases compiled kernels and device resources. */
   dispose(): Promise<void>;
 }

@@ -371,13 +371,21 @@ export class BatchNorm {
     // 8. Statistics (the batch's, or the running ones), then y = (x - mean) * invstd * w + b.
     let stats: { mean: Float64Array; invstd: Float64Array; runningMean: Float32Array | null; runningVar: Float32Array | null };
     const count = layout.n * layout.s;
-    if (plan.bnTraining) {
-      const batch = await kernels.stats(x, layout);
-      stats = this.#fromBatch(batch.mean, batch.m2, count, plan);
+    let y: Float32Array;
+    if (plan.bnTraining && kernels.fused) {
+      const fused = await kernels.fused.trainForward(x, layout, { weight: this.#affine('weight', layout.c), bias: this.#affine('bias', layout.c), eps: this.#eps });
+      stats = this.#fromBatch(fused.stats.mean, fused.stats.m2, count, plan);
+      y = fused.output;
+      applyNonFiniteScale(x, y, layout, stats.mean, this.#scale(stats.invstd), this.#affine('bias', layout.c));
     } else {
-      stats = { mean: Float64Array.from(plan.runningMean!), invstd: this.runningInvstd(plan.runningVar!), runningMean: null, runningVar: null };
+      if (plan.bnTraining) {
+        const batch = await kernels.stats(x, layout);
+        stats = this.#fromBatch(batch.mean, batch.m2, count, plan);
+      } else {
+        stats = { mean: Float64Array.from(plan.runningMean!), invstd: this.runningInvstd(plan.runningVar!), runningMean: null, runningVar: null };
+      }
+      y = await this.normalize(x, layout, stats.mean, stats.invstd, kernels);
     }
-    const y = await this.normalize(x, layout, stats.mean, stats.invstd, kernels);
     const saved = save ? this.#saved(shape, x.slice(), stats.mean, stats.invstd, count, plan.bnTraining) : null;
     // 9. Commit.
     commitCounter();
@@ -416,16 +424,23 @@ export class BatchNorm {
 
   /** y = (x − mean) · invstd · w + b, with the weight and bias as they are now. */
   async normalize(x: Float32Array, layout: Layout, mean: Float64Array, invstd: Float64Array, kernels: Kernels): Promise<Float32Array> {
-    const channels = layout.c;
-    const scale = new Float64Array(channels);
-    const shift = new Float64Array(channels);
-    for (let ch = 0; ch < channels; ch++) {
-      scale[ch] = invstd[ch]! * (this.#weight ? this.#weight[ch]! : 1);
-      shift[ch] = this.#bias ? this.#bias[ch]! : 0;
-    }
+    const scale = this.#scale(invstd);
+    const shift = this.#affine('bias', layout.c);
     const y = await kernels.normalize(x, layout, { mean, scale, shift });
     applyNonFiniteScale(x, y, layout, mean, scale, shift);
     return y;
+  }
+
+  /** invstd · weight per channel. */
+  #scale(invstd: Float64Array): Float64Array {
+    const w = this.#weight;
+    return w ? invstd.map((v, ch) => v * w[ch]!) : Float64Array.from(invstd);
+  }
+
+  /** The weight (1 without affine parameters) or the bias (0 without), as float64. */
+  #affine(which: 'weight' | 'bias', channels: number): Float64Array {
+    const values = which === 'weight' ? this.#weight : this.#bias;
+    return values ? Float64Array.from(values) : new Float64Array(channels).fill(which === 'weight' ? 1 : 0);
   }
 
   /** What backward needs; `x` must already be the module's own copy. */
@@ -522,6 +537,17 @@ export async function backward(
   if (saved.x.length === 0) {
     const zeros = new Float64Array(channels);
     return { gradInput: new Float32Array(0), gradWeight: parameterGrads(zeros), gradBias: parameterGrads(zeros), local: { sumDy: zeros, sumDyXmu: zeros } };
+  }
+  if (kernels.fused && !sums.local && !sums.group) {
+    const weight = w ? Float64Array.from(w) : new Float64Array(channels).fill(1);
+    const fused = await kernels.fused.backward(saved.x, dy, layout, { mean: saved.mean, invstd: saved.invstd, weight, batchStats: saved.batchStats, count: saved.count });
+    const local = fused.sums;
+    return {
+      gradInput: fused.gradInput,
+      gradWeight: parameterGrads(local.sumDyXmu.map((v, ch) => v * saved.invstd[ch]!)),
+      gradBias: parameterGrads(local.sumDy),
+      local,
+    };
   }
   const local = sums.local ?? (await localGradSums(saved, dy, kernels));
   const group = sums.group;

@@ -102,6 +102,13 @@ export class Metrics {
       normalize: time('normalize', kernels.normalize.bind(kernels)),
       gradSums: time('gradSums', kernels.gradSums.bind(kernels)),
       gradInput: time('gradInput', kernels.gradInput.bind(kernels)),
+      ...(kernels.fused && {
+        fused: {
+          trainForward: time('trainForward', kernels.fused.trainForward.bind(kernels.fused)),
+          backward: time('backward', kernels.fused.backward.bind(kernels.fused)),
+        },
+      }),
+      ...(kernels.allocate && { allocate: kernels.allocate.bind(kernels) }),
       dispose: () => kernels.dispose(),
     };
   }

@@ -3,7 +3,7 @@
  * configured address; and its orderly shutdown.
  */
 import { readFileSync } from 'node:fs';
-import { Server, ServerCredentials } from '@grpc/grpc-js';
+import { ServerCredentials } from '@grpc/grpc-js';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation } from 'grpc-health-check';
 import type { Logger } from 'pino';
@@ -21,6 +21,7 @@ import { addSyncBatchNormService } from './sync-batch-norm-service.js';
 import { Authenticator } from './auth.js';
 import { callLogInterceptor } from './call-log.js';
 import { Metrics } from './metrics.js';
+import { createGrpcServer } from '../wire/transport.js';
 
 export const BATCH_NORM_SERVICE_NAME = 'normserve.v1.BatchNormService';
 export const SYNC_SERVICE_NAME = 'normserve.v1.SyncBatchNormService';
@@ -60,6 +61,7 @@ export async function startServer(
     | 'durability'
     | 'checkpointMs'
     | 'maxMessageBytes'
+    | 'flowControlWindow'
     | 'maxTensorElements'
     | 'maxModules'
     | 'maxCalls'
@@ -81,9 +83,9 @@ export async function startServer(
     contexts: () => ({ count: contexts.size, bytes: contexts.bytes }),
   });
   const kernels = metrics.timed(deps.kernels);
-  const server = new Server({
-    'grpc.max_receive_message_length': config.maxMessageBytes,
-    'grpc.max_send_message_length': config.maxMessageBytes,
+  const server = createGrpcServer({
+    maxMessageBytes: config.maxMessageBytes,
+    flowControlWindow: config.flowControlWindow,
     interceptors: [callLogInterceptor(logger, metrics)],
   });
   // Restore before serving: readiness is only reported once every module is back.
