@@ -7,7 +7,7 @@
  * Per-channel quantities are float64.
  */
 
-export const BACKEND_NAMES = ['webgpu', 'headlessgl', 'webasm', 'cpu', 'reference'] as const;
+export const BACKEND_NAMES = ['webgpu', 'headlessgl', 'native', 'webasm', 'cpu', 'reference'] as const;
 export type BackendName = (typeof BACKEND_NAMES)[number];
 
 export interface Layout {
@@ -103,6 +103,8 @@ export interface Kernels {
    * for worker threads); the wire decodes tensors into it. Plain memory where absent.
    */
   allocate?(length: number): Float32Array;
+  /** Gives back an array from `allocate` that nothing will read again, for reuse. */
+  release?(tensor: Float32Array): void;
   /** Releases compiled kernels and device resources. */
   dispose(): Promise<void>;
 }

@@ -3,14 +3,16 @@
  * in priority order, each initialised once and proven by a self-test against the float64
  * reference; the first that passes serves. When none does, one error says why each failed.
  *
- * `auto` takes a backend on a hardware GPU first (webgpu, then headlessgl); a software adapter or
- * renderer (lavapipe, llvmpipe, SwiftShader) is slower than webasm on the same CPU cores, so auto
- * passes over it. Then webasm, then cpu.
+ * `auto` follows a documented rule (docs/backends.md): gpu.js on a hardware GPU first (webgpu,
+ * then headlessgl); otherwise the native multi-threaded loops, which beat every gpu.js backend on
+ * CPU cores, software GPU drivers (lavapipe, llvmpipe, SwiftShader) included. webasm and cpu
+ * remain as fallbacks.
  */
 import type { BackendChoice } from '../config.js';
 import { GpuJsKernels, type GpuJsMode } from './gpujs/gpujs-kernels.js';
 import { probeHeadlessGL, probeWebGPU, type Probe } from './gpujs/environment.js';
 import type { BackendName, Kernels } from './kernels.js';
+import { NativeKernels } from './native/native-kernels.js';
 import { createReferenceKernels, referenceGradInput, referenceGradSums, referenceNormalize, referenceStats } from './reference.js';
 
 export interface Attempt {
@@ -42,10 +44,15 @@ const PROBES: Readonly<Record<GpuJsMode, () => Promise<Probe>>> = {
 /** Starts one backend and checks it against the reference; throws with the reason on failure. */
 export async function startBackend(name: BackendName, opts: { requireHardware?: boolean } = {}): Promise<Kernels> {
   if (name === 'reference') return createReferenceKernels();
-  const probe = await PROBES[name]();
-  if (!probe.available) throw new Error(probe.description);
-  if (opts.requireHardware && !probe.hardware) throw new Error(`software device (${probe.description}); auto prefers webasm over it`);
-  const kernels = new GpuJsKernels(name, probe.description);
+  let kernels: Kernels;
+  if (name === 'native') {
+    kernels = new NativeKernels();
+  } else {
+    const probe = await PROBES[name]();
+    if (!probe.available) throw new Error(probe.description);
+    if (opts.requireHardware && !probe.hardware) throw new Error(`software device (${probe.description}); auto prefers the native loops over it`);
+    kernels = new GpuJsKernels(name, probe.description);
+  }
   try {
     await selfTest(kernels);
   } catch (err) {
@@ -61,6 +68,7 @@ export async function selectKernels(choice: BackendChoice): Promise<Selection> {
       ? [
           { name: 'webgpu', requireHardware: true },
           { name: 'headlessgl', requireHardware: true },
+          { name: 'native', requireHardware: false },
           { name: 'webasm', requireHardware: false },
           { name: 'cpu', requireHardware: false },
         ]
@@ -83,7 +91,7 @@ export async function selectKernels(choice: BackendChoice): Promise<Selection> {
  * the reference, and checks that gpu.js really ran in the mode asked for (it can fall back to
  * its cpu kernels without failing).
  */
-async function selfTest(kernels: GpuJsKernels): Promise<void> {
+async function selfTest(kernels: Kernels): Promise<void> {
   const layout = { n: 3, c: 2, s: 40 };
   const x = new Float32Array(layout.n * layout.c * layout.s).map((_, i) => 100 + ((i * 7919) % 13) / 8 - (i % 2));
   const stats = await kernels.stats(x, layout);
@@ -113,6 +121,15 @@ async function selfTest(kernels: GpuJsKernels): Promise<void> {
   }
   const worstGrad = Math.max(...gi.map((v, i) => Math.abs(v - giRef[i]!)));
   if (!(worstGrad <= 1e-4)) throw new Error(`self-test: input gradients are off by ${worstGrad}`);
+  if (kernels.fused) {
+    const fused = await kernels.fused.trainForward(x, layout, { weight: Float64Array.of(2, 0.5), bias: Float64Array.of(1, -1), eps: 1e-5 });
+    for (let ch = 0; ch < layout.c; ch++) {
+      if (Math.abs(fused.stats.mean[ch]! - ref.mean[ch]!) > 1e-5 || Math.abs(fused.stats.m2[ch]! - ref.m2[ch]!) > 1e-4 * ref.m2[ch]!) {
+        throw new Error(`self-test: fused statistics of channel ${ch} are off (mean ${fused.stats.mean[ch]} vs ${ref.mean[ch]})`);
+      }
+    }
+  }
+  if (!(kernels instanceof GpuJsKernels)) return;
   const modes = kernels.modes();
   if (modes.some((m) => m !== kernels.backend)) {
     throw new Error(`gpu.js ran its kernels as ${modes.join(', ')} instead of ${kernels.backend}`);

@@ -35,7 +35,7 @@ describe('golden fixtures', () => {
 });
 
 for (const backend of await availableBackends()) {
-  describe(`golden scenarios on the module layer, ${backend.name} kernels`, () => {
+  describe(`golden scenarios on the module layer, ${backend.label} kernels`, () => {
     let kernels: Kernels;
     beforeAll(async () => {
       kernels = await backend.start();

@@ -4,10 +4,14 @@
  * comma-separated list; .ci/run sets it) names it: then its absence fails the suite.
  */
 import { BACKEND_NAMES, type BackendName, type Kernels } from '../../src/kernels/kernels.js';
+import { availableParallelism } from 'node:os';
+import { NativeKernels } from '../../src/kernels/native/native-kernels.js';
 import { startBackend } from '../../src/kernels/select.js';
 
 export interface TestBackend {
   readonly name: BackendName;
+  /** The name in test titles (a backend can appear twice, in two configurations). */
+  readonly label: string;
   start(): Promise<Kernels>;
 }
 
@@ -31,7 +35,11 @@ export function availableBackends(): Promise<TestBackend[]> {
       try {
         const kernels = await startBackend(name);
         await kernels.dispose();
-        found.push({ name, start: () => startBackend(name) });
+        found.push({ name, label: name, start: () => startBackend(name) });
+        if (name === 'native') {
+          // Small test tensors stay on one thread by default: run everything through the workers too.
+          found.push({ name, label: 'native (worker threads for every size)', start: async () => new NativeKernels({ inlineBelow: 0, threads: Math.max(2, availableParallelism()) }) });
+        }
       } catch (err) {
         const reason = (err as Error).message;
         if (required.includes(name)) missing.push(`${name}: ${reason}`);

@@ -28,7 +28,7 @@ const DATA: [string, number, number][] = [
 ];
 
 for (const backend of await availableBackends()) {
-  describe(`${backend.name} kernels`, () => {
+  describe(`${backend.label} kernels`, () => {
     let kernels: Kernels;
     beforeAll(async () => {
       kernels = await backend.start();
