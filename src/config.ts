@@ -114,6 +114,20 @@ export const SETTINGS = {
     schema: int(65_535, 2 ** 31 - 1),
     description: 'HTTP/2 flow-control window the server advertises, per stream and per connection, in bytes (65535 keeps HTTP/2\'s default).',
   },
+  streamBudgetBytes: {
+    flag: 'stream-budget-bytes',
+    env: 'NORMSERVE_STREAM_BUDGET_BYTES',
+    default: 1_073_741_824,
+    schema: int(1024, 2 ** 40),
+    description: 'Most bytes that streamed calls (ForwardStream and the like) hold at once, input and output counted; a stream over it gets RESOURCE_EXHAUSTED.',
+  },
+  streamChunkBytes: {
+    flag: 'stream-chunk-bytes',
+    env: 'NORMSERVE_STREAM_CHUNK_BYTES',
+    default: 1_048_576,
+    schema: int(1024, 2 ** 30),
+    description: 'Bytes per chunk in the answers of streamed calls.',
+  },
   maxTensorElements: {
     flag: 'max-tensor-elements',
     env: 'NORMSERVE_MAX_TENSOR_ELEMENTS',

@@ -173,6 +173,14 @@ export const catalogue = {
     status: Status.RESOURCE_EXHAUSTED,
     template: '{count} calls are {where} already, the limit {limit}; retry later',
   },
+  BN_ERR_STREAM_BUDGET: {
+    status: Status.RESOURCE_EXHAUSTED,
+    template: 'a stream needs {bytes} bytes, and streams in flight hold {used} of the stream_budget_bytes={limit}; retry later or send a smaller tensor',
+  },
+  BN_ERR_INVALID_STREAM: {
+    status: Status.INVALID_ARGUMENT,
+    template: 'invalid stream: {detail} (send one head message, then the tensor\'s bytes as chunks)',
+  },
   BN_ERR_CANCELLED: { status: Status.CANCELLED, template: 'the call was cancelled before it ran' },
   BN_ERR_SHUTTING_DOWN: { status: Status.UNAVAILABLE, template: 'the server is shutting down; retry on another replica' },
   BN_ERR_STORE: {

@@ -10,6 +10,7 @@ import {
   type ChannelCredentials,
   type ChannelOptions,
   type Client,
+  type ClientDuplexStream,
   type Metadata,
   type ServiceError,
 } from '@grpc/grpc-js';
@@ -120,6 +121,10 @@ export interface ClientOptions {
   /** Sent as `authorization: Bearer <token>` on every call, for servers with --auth-tokens-file. */
   token?: string;
   channelOptions?: ChannelOptions;
+  /** Tensors larger than this many bytes are streamed in chunks (default 32 MiB). */
+  streamAboveBytes?: number;
+  /** Bytes per chunk when streaming (default 1 MiB). */
+  streamChunkBytes?: number;
   /** HTTP/2 flow-control window of the client's end, in bytes (default 16 MiB; 65535 keeps HTTP/2's default). */
   flowControlWindow?: number;
   /** Deadline for each call, in milliseconds; none by default. */
@@ -155,6 +160,25 @@ function decodeErrorInfo(metadata: Metadata | undefined): { reason: string; pyth
   if (!any) return undefined;
   const info = ErrorInfo.toObject(ErrorInfo.decode(any.value)) as { reason: string; metadata?: Record<string, string> };
   return { reason: info.reason, pythonType: info.metadata?.python_type };
+}
+
+/** How a tensor travels: inside one message, or streamed in chunks (default: streamed above `streamAboveBytes`). */
+export type Transport = 'unary' | 'stream';
+export interface TransportChoice {
+  transport?: Transport;
+}
+
+interface StreamPart {
+  part?: 'head' | 'chunk';
+  head?: Record<string, unknown> | null;
+  chunk?: Buffer;
+}
+
+function writeStream(call: ClientDuplexStream<object, StreamPart>, message: object): Promise<void> {
+  return new Promise((resolve) => {
+    if (call.write(message)) resolve();
+    else call.once('drain', resolve);
+  });
 }
 
 function tensorFromWire(t: Tensor__Output | null | undefined): TensorData {
@@ -211,6 +235,8 @@ export class NormserveClient {
   readonly #health: Client;
   readonly #deadlineMs: number | undefined;
   readonly #token: string | undefined;
+  readonly #streamAboveBytes: number;
+  readonly #streamChunkBytes: number;
 
   constructor(address: string, options: ClientOptions = {}) {
     const channelCredentials = options.credentials ?? grpcCredentials.createInsecure();
@@ -224,6 +250,8 @@ export class NormserveClient {
     this.#sync = new grpcObject.normserve.v1.SyncBatchNormService(address, channelCredentials, shared);
     this.#deadlineMs = options.deadlineMs;
     this.#token = options.token;
+    this.#streamAboveBytes = options.streamAboveBytes ?? 32 * 1024 * 1024;
+    this.#streamChunkBytes = options.streamChunkBytes ?? 1024 * 1024;
   }
 
   close(): void {
@@ -315,25 +343,30 @@ export class NormserveClient {
    * module(input): the output has the input's shape. With `saveForBackward`, the server keeps what
    * backward needs and `contextId` names it.
    */
-  async forward(name: string, input: TensorData, options: { saveForBackward?: boolean } = {}): Promise<TensorData & { contextId: string }> {
-    const r = await this.#call<{ output: Tensor__Output; context_id: string }>('Forward', {
-      name,
-      input: encodeTensor(input.shape, input.data),
-      save_for_backward: options.saveForBackward ?? false,
-    });
-    return { ...tensorFromWire(r.output), contextId: r.context_id };
+  async forward(name: string, input: TensorData, options: { saveForBackward?: boolean } & TransportChoice = {}): Promise<TensorData & { contextId: string }> {
+    const { tensor, response } = await this.#tensorCall<{ context_id: string }>(
+      'Forward',
+      { name, save_for_backward: options.saveForBackward ?? false },
+      ['input', input],
+      'output',
+      this.#stub,
+      options.transport,
+    );
+    return { ...tensor, contextId: response.context_id };
   }
 
   /** The gradients of a saved forward; parameter gradients only for affine modules. */
-  async backward(name: string, contextId: string, gradOutput: TensorData, options: { retainContext?: boolean } = {}): Promise<Gradients> {
-    const r = await this.#call<{ grad_input: Tensor__Output; grad_weight?: Tensor__Output | null; grad_bias?: Tensor__Output | null }>('Backward', {
-      name,
-      context_id: contextId,
-      grad_output: encodeTensor(gradOutput.shape, gradOutput.data),
-      retain_context: options.retainContext ?? false,
-    });
+  async backward(name: string, contextId: string, gradOutput: TensorData, options: { retainContext?: boolean } & TransportChoice = {}): Promise<Gradients> {
+    const { tensor, response: r } = await this.#tensorCall<{ grad_weight?: Tensor__Output | null; grad_bias?: Tensor__Output | null }>(
+      'Backward',
+      { name, context_id: contextId, retain_context: options.retainContext ?? false },
+      ['grad_output', gradOutput],
+      'grad_input',
+      this.#stub,
+      options.transport,
+    );
     return {
-      gradInput: tensorFromWire(r.grad_input),
+      gradInput: tensor,
       gradWeight: r.grad_weight ? tensorFromWire(r.grad_weight).data : null,
       gradBias: r.grad_bias ? tensorFromWire(r.grad_bias).data : null,
     };
@@ -344,14 +377,17 @@ export class NormserveClient {
     name: string,
     ref: StepRef,
     input: TensorData,
-    options: { saveForBackward?: boolean } = {},
+    options: { saveForBackward?: boolean } & TransportChoice = {},
   ): Promise<{ output: TensorData; contextId: string } & StepStats> {
-    const r = await this.#call<{ output: Tensor__Output; context_id: string; count: string; mean: number[]; invstd: number[]; synced: boolean }>(
+    const { tensor, response: r } = await this.#tensorCall<{ context_id: string; count: string; mean: number[]; invstd: number[]; synced: boolean }>(
       'SyncForward',
-      { name, ...stepFields(ref), input: encodeTensor(input.shape, input.data), save_for_backward: options.saveForBackward ?? false },
+      { name, ...stepFields(ref), save_for_backward: options.saveForBackward ?? false },
+      ['input', input],
+      'output',
       this.#sync,
+      options.transport,
     );
-    return { output: tensorFromWire(r.output), contextId: r.context_id, count: Number(r.count), mean: f64(r.mean), invstd: f64(r.invstd), synced: r.synced };
+    return { output: tensor, contextId: r.context_id, count: Number(r.count), mean: f64(r.mean), invstd: f64(r.invstd), synced: r.synced };
   }
 
   /** SyncBatchNorm backward: the input gradient from the group's sums; partial and total parameter gradients. */
@@ -360,17 +396,20 @@ export class NormserveClient {
     ref: StepRef,
     contextId: string,
     gradOutput: TensorData,
-    options: { retainContext?: boolean } = {},
+    options: { retainContext?: boolean } & TransportChoice = {},
   ): Promise<Gradients & { gradWeightTotal: Float32Array | null; gradBiasTotal: Float32Array | null }> {
     type Maybe = Tensor__Output | null | undefined;
-    const r = await this.#call<{ grad_input: Tensor__Output; grad_weight?: Maybe; grad_bias?: Maybe; grad_weight_total?: Maybe; grad_bias_total?: Maybe }>(
+    const { tensor, response: r } = await this.#tensorCall<{ grad_weight?: Maybe; grad_bias?: Maybe; grad_weight_total?: Maybe; grad_bias_total?: Maybe }>(
       'SyncBackward',
-      { name, ...stepFields(ref), context_id: contextId, grad_output: encodeTensor(gradOutput.shape, gradOutput.data), retain_context: options.retainContext ?? false },
+      { name, ...stepFields(ref), context_id: contextId, retain_context: options.retainContext ?? false },
+      ['grad_output', gradOutput],
+      'grad_input',
       this.#sync,
+      options.transport,
     );
     const vec = (t: Maybe) => (t ? tensorFromWire(t).data : null);
     return {
-      gradInput: tensorFromWire(r.grad_input),
+      gradInput: tensor,
       gradWeight: vec(r.grad_weight),
       gradBias: vec(r.grad_bias),
       gradWeightTotal: vec(r.grad_weight_total),
@@ -408,12 +447,88 @@ export class NormserveClient {
   }
 
   #call<T>(method: string, request: object, stub: object = this.#stub): Promise<T> {
-    const options = this.#deadlineMs === undefined ? {} : { deadline: Date.now() + this.#deadlineMs };
-    const metadata = new GrpcMetadata();
-    if (this.#token !== undefined) metadata.set('authorization', `Bearer ${this.#token}`);
     const fn = (stub as Record<string, Function>)[method]!;
     return new Promise<T>((resolve, reject) => {
-      fn.call(stub, request, metadata, options, (err: ServiceError | null, response: T) => (err ? reject(new NormserveClientError(err)) : resolve(response)));
+      fn.call(stub, request, this.#metadata(), this.#callOptions(), (err: ServiceError | null, response: T) =>
+        err ? reject(new NormserveClientError(err)) : resolve(response),
+      );
+    });
+  }
+
+  #metadata(): GrpcMetadata {
+    const metadata = new GrpcMetadata();
+    if (this.#token !== undefined) metadata.set('authorization', `Bearer ${this.#token}`);
+    return metadata;
+  }
+
+  #callOptions(): { deadline?: number } {
+    return this.#deadlineMs === undefined ? {} : { deadline: Date.now() + this.#deadlineMs };
+  }
+
+  /**
+   * A call with one tensor in and one out, unary or streamed (`<method>Stream`: a head without
+   * the tensor's data, then its bytes in chunks; the answer likewise).
+   */
+  async #tensorCall<R>(
+    method: string,
+    request: object,
+    [inField, input]: [string, TensorData],
+    outField: string,
+    stub: object,
+    transport: Transport | undefined,
+  ): Promise<{ tensor: TensorData; response: R }> {
+    const streamed = transport === 'stream' || (transport === undefined && input.data.byteLength > this.#streamAboveBytes);
+    if (!streamed) {
+      const r = await this.#call<Record<string, unknown>>(method, { ...request, [inField]: encodeTensor(input.shape, input.data) }, stub);
+      return { tensor: tensorFromWire(r[outField] as Tensor__Output), response: r as R };
+    }
+    const call = (stub as Record<string, Function>)[`${method}Stream`]!.call(stub, this.#metadata(), this.#callOptions()) as ClientDuplexStream<object, StreamPart>;
+    return new Promise((resolve, reject) => {
+      let head: Record<string, unknown> | undefined;
+      let out: Float32Array | undefined;
+      let outBytes: Uint8Array | undefined;
+      let received = 0;
+      let failed = false;
+      const fail = (err: Error) => {
+        if (failed) return;
+        failed = true;
+        call.cancel();
+        reject(err);
+      };
+      call.on('data', (m: StreamPart) => {
+        if (m.part === 'head') {
+          head = m.head!;
+          const t = head[outField] as Tensor__Output;
+          const count = t.shape.reduce((a, d) => a * Number(d), 1);
+          out = new Float32Array(count);
+          outBytes = new Uint8Array(out.buffer);
+        } else if (outBytes && m.chunk && received + m.chunk.length <= outBytes.length) {
+          outBytes.set(m.chunk, received);
+          received += m.chunk.length;
+        } else {
+          fail(new Error('normserve client: the server streamed more bytes than the output holds, or data before its head'));
+        }
+      });
+      call.on('error', (err: ServiceError) => {
+        if (!failed) {
+          failed = true;
+          reject(new NormserveClientError(err));
+        }
+      });
+      call.on('end', () => {
+        if (failed) return;
+        if (!head || !outBytes || received !== outBytes.length) return fail(new Error(`normserve client: the stream ended after ${received} of ${outBytes?.length ?? '?'} output bytes`));
+        const t = head[outField] as Tensor__Output;
+        resolve({ tensor: { shape: t.shape.map(Number), data: out! }, response: head as R });
+      });
+      void (async () => {
+        await writeStream(call, { head: { ...request, [inField]: { shape: input.shape.map(String), dtype: 'FLOAT32', data: Buffer.alloc(0) } } });
+        const bytes = Buffer.from(input.data.buffer, input.data.byteOffset, input.data.byteLength);
+        for (let at = 0; at < bytes.length && !failed; at += this.#streamChunkBytes) {
+          await writeStream(call, { chunk: bytes.subarray(at, at + this.#streamChunkBytes) });
+        }
+        call.end();
+      })();
     });
   }
 }

@@ -332,11 +332,12 @@ export class BatchNorm {
   }
 
   /**
-   * module(x) in the current mode (§4). `shape` is x's shape; x is read and, with `save`, copied.
+   * module(x) in the current mode (§4). `shape` is x's shape; x is read and, with `save`, copied
+   * (or kept as it is, when the caller hands it over as `owned`).
    * The kernels run between validation and commit, so callers must not run two forwards of one
    * module at once.
    */
-  async forward(x: Float32Array, shape: readonly number[], kernels: Kernels, save = false): Promise<ForwardResult> {
+  async forward(x: Float32Array, shape: readonly number[], kernels: Kernels, save = false, owned = false): Promise<ForwardResult> {
     // 1. Rank: nothing has changed yet.
     this.checkRank(shape);
     // 2–4. The counter moves now, before the checks that can still fail (PyTorch does the same).
@@ -386,7 +387,7 @@ export class BatchNorm {
       }
       y = await this.normalize(x, layout, stats.mean, stats.invstd, kernels);
     }
-    const saved = save ? this.#saved(shape, x.slice(), stats.mean, stats.invstd, count, plan.bnTraining) : null;
+    const saved = save ? this.#saved(shape, owned ? x : x.slice(), stats.mean, stats.invstd, count, plan.bnTraining) : null;
     // 9. Commit.
     commitCounter();
     this.#commitRunning(stats);

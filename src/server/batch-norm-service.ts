@@ -11,21 +11,79 @@ import { savedBytesFor, type ContextStore } from '../registry/context-store.js';
 import type { ModuleRegistry } from '../registry/module-registry.js';
 import { configFromWire, loadInputFromWire, moduleToWire, stateToWire, updateFromWire } from '../wire/convert.js';
 import { batchNormService } from '../wire/proto.js';
-import { decodeTensor, encodeTensor } from '../wire/tensor-codec.js';
+import { encodeTensor } from '../wire/tensor-codec.js';
 import type { Coordinator } from '../sync/coordinator.js';
-import { unaryWith, type CallContext } from './unary.js';
+import type { BackwardRequest__Output } from '../generated/normserve/v1/BackwardRequest.js';
+import type { BackwardResponse } from '../generated/normserve/v1/BackwardResponse.js';
+import type { ForwardRequest__Output } from '../generated/normserve/v1/ForwardRequest.js';
+import type { ForwardResponse } from '../generated/normserve/v1/ForwardResponse.js';
+import { streamTensorHandler, unaryTensorHandler, type TensorCallContext, type TensorOp } from './tensor-call.js';
+import { unaryWith } from './unary.js';
 
-export interface BatchNormServiceDeps extends CallContext {
+export interface BatchNormServiceDeps extends TensorCallContext {
   readonly registry: ModuleRegistry;
   readonly contexts: ContextStore;
   readonly coordinator: Coordinator;
   readonly kernels: Kernels;
-  readonly maxTensorElements: number;
 }
 
 export function addBatchNormService(server: Server, deps: BatchNormServiceDeps): void {
-  const { registry, contexts, coordinator, kernels, maxTensorElements } = deps;
+  const { registry, contexts, coordinator, kernels } = deps;
   const unary = unaryWith(deps);
+
+  const forward: TensorOp<ForwardRequest__Output, ForwardResponse> = {
+    inputField: 'input',
+    outputField: 'output',
+    check(req, header) {
+      const target = registry.get(req.name);
+      if (target.config.worldSize > 1 && target.needsSync(target.plan())) {
+        throw bnError('BN_ERR_USE_SYNC', { name: req.name, worldSize: target.config.worldSize, method: 'SyncForward' });
+      }
+      const { count, shape } = header();
+      if (req.save_for_backward) contexts.checkFits(savedBytesFor(count, shape[1] ?? 0));
+    },
+    run: (req, input, signal, scratch) =>
+      registry.exclusive(
+        req.name,
+        async (module) => {
+          // The decoded input is this call's own: a saved context keeps it without a copy.
+          const { output, saved } = await module.forward(input.data, input.shape, kernels, req.save_for_backward, true);
+          const contextId = saved ? contexts.put(req.name, saved) : '';
+          scratch.push(output);
+          if (!saved) scratch.push(input.data);
+          return { head: { context_id: contextId }, shape: input.shape, tensor: output };
+        },
+        undefined,
+        signal,
+      ),
+  };
+
+  const backwardOp: TensorOp<BackwardRequest__Output, BackwardResponse> = {
+    inputField: 'grad_output',
+    outputField: 'grad_input',
+    check(req, header) {
+      registry.get(req.name);
+      header();
+      const { group } = contexts.get(req.context_id, req.name);
+      if (group?.synced) {
+        throw bnError('BN_ERR_USE_SYNC', { name: req.name, worldSize: registry.get(req.name).config.worldSize, method: 'SyncBackward' });
+      }
+    },
+    async run(req, dy, _signal, scratch) {
+      const { saved } = contexts.get(req.context_id, req.name);
+      const grads = await backward(saved, dy.data, dy.shape, kernels);
+      if (!req.retain_context) contexts.release(req.context_id);
+      scratch.push(dy.data, grads.gradInput);
+      return {
+        head: {
+          ...(grads.gradWeight ? { grad_weight: encodeTensor([grads.gradWeight.length], grads.gradWeight) } : {}),
+          ...(grads.gradBias ? { grad_bias: encodeTensor([grads.gradBias.length], grads.gradBias) } : {}),
+        },
+        shape: saved.shape,
+        tensor: grads.gradInput,
+      };
+    },
+  };
 
   const handlers: BatchNormServiceHandlers = {
     CreateModule: unary('write', (req) => {
@@ -66,7 +124,7 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
     GetState: unary('read', (req) => stateToWire(registry.get(req.name))),
     LoadState: unary('write', (req) => {
       registry.get(req.name);
-      const input = loadInputFromWire(req.state, maxTensorElements);
+      const input = loadInputFromWire(req.state, deps.maxTensorElements);
       const version = req.state?.version ? req.state.version : null;
       const strict = req.strict ?? true;
       return registry.exclusive(req.name, (module) => {
@@ -74,39 +132,10 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
         return { module: moduleToWire(req.name, module), missing_keys: result.missingKeys, unexpected_keys: result.unexpectedKeys };
       });
     }),
-    Forward: unary('write', (req, signal) => {
-      const target = registry.get(req.name);
-      if (target.config.worldSize > 1 && target.needsSync(target.plan())) {
-        throw bnError('BN_ERR_USE_SYNC', { name: req.name, worldSize: target.config.worldSize, method: 'SyncForward' });
-      }
-      const input = decodeTensor(req.input, { field: 'input', maxElements: maxTensorElements, accept: ['FLOAT32'] });
-      if (req.save_for_backward) contexts.checkFits(savedBytesFor(input.data.length, input.shape[1] ?? 0));
-      return registry.exclusive(
-        req.name,
-        async (module) => {
-          const { output, saved } = await module.forward(input.data, input.shape, kernels, req.save_for_backward);
-          const contextId = saved ? contexts.put(req.name, saved) : '';
-          return { output: encodeTensor(input.shape, output), context_id: contextId };
-        },
-        undefined,
-        signal,
-      );
-    }),
-    Backward: unary('write', async (req) => {
-      const target = registry.get(req.name);
-      const dy = decodeTensor(req.grad_output, { field: 'grad_output', maxElements: maxTensorElements, accept: ['FLOAT32'] });
-      const { saved, group } = contexts.get(req.context_id, req.name);
-      if (group?.synced) {
-        throw bnError('BN_ERR_USE_SYNC', { name: req.name, worldSize: target.config.worldSize, method: 'SyncBackward' });
-      }
-      const grads = await backward(saved, dy.data, dy.shape, kernels);
-      if (!req.retain_context) contexts.release(req.context_id);
-      return {
-        grad_input: encodeTensor(saved.shape, grads.gradInput),
-        ...(grads.gradWeight ? { grad_weight: encodeTensor([grads.gradWeight.length], grads.gradWeight) } : {}),
-        ...(grads.gradBias ? { grad_bias: encodeTensor([grads.gradBias.length], grads.gradBias) } : {}),
-      };
-    }),
+    Forward: unary('write', unaryTensorHandler(deps, forward)),
+    Backward: unary('write', unaryTensorHandler(deps, backwardOp)),
+    ForwardStream: streamTensorHandler(deps, 'write', forward),
+    BackwardStream: streamTensorHandler(deps, 'write', backwardOp),
   };
   server.addService(batchNormService, handlers as unknown as UntypedServiceImplementation);
 }

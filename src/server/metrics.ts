@@ -109,6 +109,7 @@ export class Metrics {
         },
       }),
       ...(kernels.allocate && { allocate: kernels.allocate.bind(kernels) }),
+      ...(kernels.release && { release: kernels.release.bind(kernels) }),
       dispose: () => kernels.dispose(),
     };
   }

@@ -22,6 +22,7 @@ import { Authenticator } from './auth.js';
 import { callLogInterceptor } from './call-log.js';
 import { Metrics } from './metrics.js';
 import { createGrpcServer } from '../wire/transport.js';
+import { StreamBudget } from './tensor-call.js';
 
 export const BATCH_NORM_SERVICE_NAME = 'normserve.v1.BatchNormService';
 export const SYNC_SERVICE_NAME = 'normserve.v1.SyncBatchNormService';
@@ -62,6 +63,8 @@ export async function startServer(
     | 'checkpointMs'
     | 'maxMessageBytes'
     | 'flowControlWindow'
+    | 'streamBudgetBytes'
+    | 'streamChunkBytes'
     | 'maxTensorElements'
     | 'maxModules'
     | 'maxCalls'
@@ -115,6 +118,11 @@ export async function startServer(
     coordinator,
     kernels,
     maxTensorElements: config.maxTensorElements,
+    ...(kernels.allocate && { allocate: kernels.allocate.bind(kernels) }),
+    ...(kernels.release && { release: kernels.release.bind(kernels) }),
+    streams: new StreamBudget(config.streamBudgetBytes),
+    // A chunk must fit a message, with room for the field's tag and length.
+    streamChunkBytes: Math.min(config.streamChunkBytes, config.maxMessageBytes - 64),
     logger,
     draining: () => draining,
     inFlight: { count: 0 },

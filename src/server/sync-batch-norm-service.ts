@@ -17,15 +17,19 @@ import type { ModuleRegistry } from '../registry/module-registry.js';
 import type { Coordinator } from '../sync/coordinator.js';
 import { moduleToWire, syncRuleFromWire } from '../wire/convert.js';
 import { syncBatchNormService } from '../wire/proto.js';
-import { decodeTensor, encodeTensor } from '../wire/tensor-codec.js';
-import { unaryWith, type CallContext } from './unary.js';
+import { encodeTensor } from '../wire/tensor-codec.js';
+import type { SyncBackwardRequest__Output } from '../generated/normserve/v1/SyncBackwardRequest.js';
+import type { SyncBackwardResponse } from '../generated/normserve/v1/SyncBackwardResponse.js';
+import type { SyncForwardRequest__Output } from '../generated/normserve/v1/SyncForwardRequest.js';
+import type { SyncForwardResponse } from '../generated/normserve/v1/SyncForwardResponse.js';
+import { streamTensorHandler, unaryTensorHandler, type TensorCallContext, type TensorOp } from './tensor-call.js';
+import { unaryWith } from './unary.js';
 
-export interface SyncServiceDeps extends CallContext {
+export interface SyncServiceDeps extends TensorCallContext {
   readonly registry: ModuleRegistry;
   readonly contexts: ContextStore;
   readonly coordinator: Coordinator;
   readonly kernels: Kernels;
-  readonly maxTensorElements: number;
 }
 
 interface StepCall {
@@ -47,7 +51,7 @@ interface Checked {
 const vector = (values: ArrayLike<number>) => Array.from(values);
 
 export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): void {
-  const { registry, contexts, coordinator, kernels, maxTensorElements } = deps;
+  const { registry, contexts, coordinator, kernels } = deps;
   const unary = unaryWith(deps);
 
   /** The checks every call makes before it may join its group's step. */
@@ -85,24 +89,37 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
     return Float64Array.from(values);
   }
 
-  const handlers: SyncBatchNormServiceHandlers = {
-    SyncForward: unary('write', async (req, signal) => {
-      const { module, step, fail, guard } = checkCall(req, 'forward');
-      const { shape, data: x } = guard(() => decodeTensor(req.input, { field: 'input', maxElements: maxTensorElements, accept: ['FLOAT32'] }));
-      if (req.save_for_backward) contexts.checkFits(savedBytesFor(x.length, shape[1] ?? 0));
+
+  const syncForward: TensorOp<SyncForwardRequest__Output, SyncForwardResponse> = {
+    inputField: 'input',
+    outputField: 'output',
+    check(req, header) {
+      const { module, guard } = checkCall(req, 'forward');
+      const { count, shape } = guard(header);
+      if (req.save_for_backward) contexts.checkFits(savedBytesFor(count, shape[1] ?? 0));
       guard(() => module.checkRank(shape));
+    },
+    fail: (req, err) => void coordinator.abortStep(req.name, 'forward', BigInt(req.step), `rank ${req.rank}: ${(err as Error).message}`),
+    async run(req, input, signal, scratch) {
+      const { module, step, fail } = checkCall(req, 'forward');
+      const { shape, data: x } = input;
       const plan = module.plan();
       const group = { step, rank: req.rank };
       if (!module.needsSync(plan)) {
         // Eval with running statistics, or PyTorch 1.9's rule in eval: each rank on its own.
-        const r = await registry.exclusive(req.name, (m) => m.forward(x, shape, kernels, req.save_for_backward), undefined, signal);
+        const r = await registry.exclusive(req.name, (m) => m.forward(x, shape, kernels, req.save_for_backward, true), undefined, signal);
+        scratch.push(r.output);
+        if (!r.saved) scratch.push(x);
         return {
-          output: encodeTensor(shape, r.output),
-          context_id: r.saved ? contexts.put(req.name, r.saved, { ...group, synced: false }) : '',
-          count: String(r.stats.count),
-          mean: vector(r.stats.mean),
-          invstd: vector(r.stats.invstd),
-          synced: false,
+          head: {
+            context_id: r.saved ? contexts.put(req.name, r.saved, { ...group, synced: false }) : '',
+            count: String(r.stats.count),
+            mean: vector(r.stats.mean),
+            invstd: vector(r.stats.invstd),
+            synced: false,
+          },
+          shape,
+          tensor: r.output,
         };
       }
       const layout = layoutOf(shape);
@@ -114,19 +131,65 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
       const local = count > 0 ? await kernels.stats(x, layout) : { mean: new Float64Array(layout.c), m2: new Float64Array(layout.c) };
       const stats = await coordinator.gather(req.name, step, req.rank, req.world_size, { count, ...local, channels: layout.c, shape }, signal);
       const output = stats.count > 0 && x.length > 0 ? await module.normalize(x, layout, stats.mean, stats.invstd, kernels) : new Float32Array(0);
+      scratch.push(output);
+      // The decoded input is this call's own: a saved context keeps it without a copy.
+      if (!req.save_for_backward) scratch.push(x);
       const contextId = req.save_for_backward
-        ? contexts.put(req.name, module.savedFor(shape, x.slice(), stats.mean, stats.invstd, stats.count, true), { ...group, synced: true })
+        ? contexts.put(req.name, module.savedFor(shape, x, stats.mean, stats.invstd, stats.count, true), { ...group, synced: true })
         : '';
       return {
-        output: encodeTensor(shape, output),
-        context_id: contextId,
-        count: String(stats.count),
-        mean: vector(stats.mean),
-        invstd: vector(stats.invstd),
-        synced: true,
+        head: { context_id: contextId, count: String(stats.count), mean: vector(stats.mean), invstd: vector(stats.invstd), synced: true },
+        shape,
+        tensor: output,
       };
-    }),
+    },
+  };
 
+  const syncBackward: TensorOp<SyncBackwardRequest__Output, SyncBackwardResponse> = {
+    inputField: 'grad_output',
+    outputField: 'grad_input',
+    check(req, header) {
+      const { guard } = checkCall(req, 'backward');
+      guard(header);
+    },
+    fail: (req, err) => void coordinator.abortStep(req.name, 'backward', BigInt(req.step), `rank ${req.rank}: ${(err as Error).message}`),
+    async run(req, dy, signal, scratch) {
+      const { step, fail, guard } = checkCall(req, 'backward');
+      const { saved, group } = contexts.get(req.context_id, req.name);
+      if (!group || group.step !== step || group.rank !== req.rank) {
+        const from = group ? `SyncForward step ${group.step} rank ${group.rank}` : 'a Forward (use Backward)';
+        fail(bnError('BN_ERR_CONTEXT_STEP', { id: req.context_id, from, step, rank: req.rank }));
+      }
+      guard(() => checkGradShape(saved, dy.shape));
+      const local = await localGradSums(saved, dy.data, kernels);
+      let totals;
+      if (group!.synced) {
+        totals = await coordinator.reduce(req.name, step, req.rank, req.world_size, { ...local, count: saved.count }, signal);
+      }
+      const grads = await backward(saved, dy.data, dy.shape, kernels, { local, group: totals });
+      if (!req.retain_context) contexts.release(req.context_id);
+      scratch.push(dy.data, grads.gradInput);
+      const tensor = (v: Float32Array | Float64Array) => {
+        const f = Float32Array.from(v);
+        return encodeTensor([f.length], f);
+      };
+      const affine = grads.gradWeight !== null;
+      return {
+        head: {
+          ...(affine ? { grad_weight: tensor(grads.gradWeight!), grad_bias: tensor(grads.gradBias!) } : {}),
+          ...(affine && totals
+            ? { grad_weight_total: tensor(totals.sumDyXmu.map((v, ch) => v * saved.invstd[ch]!)), grad_bias_total: tensor(totals.sumDy) }
+            : {}),
+        },
+        shape: saved.shape,
+        tensor: grads.gradInput,
+      };
+    },
+  };
+
+  const handlers: SyncBatchNormServiceHandlers = {
+    SyncForward: unary('write', unaryTensorHandler(deps, syncForward)),
+    SyncForwardStream: streamTensorHandler(deps, 'write', syncForward),
     GatherStats: unary('write', async (req, signal) => {
       const { module, step, guard } = checkCall(req, 'forward');
       const channels = module.config.numFeatures;
@@ -152,36 +215,8 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
       return { count: String(stats.count), mean: vector(stats.mean), var: vector(stats.var), invstd: vector(stats.invstd), synced: true };
     }),
 
-    SyncBackward: unary('write', async (req, signal) => {
-      const { step, fail, guard } = checkCall(req, 'backward');
-      const dy = guard(() => decodeTensor(req.grad_output, { field: 'grad_output', maxElements: maxTensorElements, accept: ['FLOAT32'] }));
-      const { saved, group } = contexts.get(req.context_id, req.name);
-      if (!group || group.step !== step || group.rank !== req.rank) {
-        const from = group ? `SyncForward step ${group.step} rank ${group.rank}` : 'a Forward (use Backward)';
-        fail(bnError('BN_ERR_CONTEXT_STEP', { id: req.context_id, from, step, rank: req.rank }));
-      }
-      guard(() => checkGradShape(saved, dy.shape));
-      const local = await localGradSums(saved, dy.data, kernels);
-      let totals;
-      if (group!.synced) {
-        totals = await coordinator.reduce(req.name, step, req.rank, req.world_size, { ...local, count: saved.count }, signal);
-      }
-      const grads = await backward(saved, dy.data, dy.shape, kernels, { local, group: totals });
-      if (!req.retain_context) contexts.release(req.context_id);
-      const tensor = (v: Float32Array | Float64Array) => {
-        const f = Float32Array.from(v);
-        return encodeTensor([f.length], f);
-      };
-      const affine = grads.gradWeight !== null;
-      return {
-        grad_input: encodeTensor(saved.shape, grads.gradInput),
-        ...(affine ? { grad_weight: tensor(grads.gradWeight!), grad_bias: tensor(grads.gradBias!) } : {}),
-        ...(affine && totals
-          ? { grad_weight_total: tensor(totals.sumDyXmu.map((v, ch) => v * saved.invstd[ch]!)), grad_bias_total: tensor(totals.sumDy) }
-          : {}),
-      };
-    }),
-
+    SyncBackward: unary('write', unaryTensorHandler(deps, syncBackward)),
+    SyncBackwardStream: streamTensorHandler(deps, 'write', syncBackward),
     ReduceGrads: unary('write', async (req, signal) => {
       const { module, step, fail, guard } = checkCall(req, 'backward');
       const channels = module.config.numFeatures;

@@ -18,9 +18,17 @@ export interface CallContext {
   /** At most this many handlers run at once. */
   readonly maxCalls: number;
   readonly auth: Authenticator;
+  /** Takes back tensors a call owned once its answer is sent (Kernels.release). */
+  readonly release?: (tensor: Float32Array) => void;
 }
 
-export type Handler<Req, Res> = (request: Req, signal: AbortSignal, principal: Principal) => Res | Promise<Res>;
+/**
+ * Tensors a call owns (decoded inputs it did not keep, outputs it answered with): handed back to
+ * the compute backend for reuse once the answer has been serialised.
+ */
+export type Scratch = Float32Array[];
+
+export type Handler<Req, Res> = (request: Req, signal: AbortSignal, principal: Principal, scratch: Scratch) => Res | Promise<Res>;
 
 /**
  * What a call needs: `read` or `write` on the module it names, or `list` (any valid token; the
@@ -59,15 +67,18 @@ export function unaryWith(ctx: CallContext) {
       const ms = deadline instanceof Date ? deadline.getTime() - Date.now() : deadline - Date.now();
       const timer = Number.isFinite(ms) ? setTimeout(() => cancel.abort(), Math.max(0, ms)) : undefined;
       ctx.inFlight.count++;
+      const scratch: Scratch = [];
       Promise.resolve()
-        .then(() => handler(call.request, cancel.signal, principal))
+        .then(() => handler(call.request, cancel.signal, principal, scratch))
         .then(
+          // grpc-js serialises the response inside the callback: after it, no tensor is read again.
           (response) => callback(null, response),
           (err: unknown) => callback(toServiceError(err, ctx.logger)),
         )
         .finally(() => {
           clearTimeout(timer);
           ctx.inFlight.count--;
+          if (ctx.release) for (const t of scratch) ctx.release(t);
         });
     };
   };

@@ -25,10 +25,23 @@ export interface DecodeOptions {
   readonly maxElements: number;
   /** The dtypes this call accepts; FLOAT64 is converted to float32 (as PyTorch's copy_ does). */
   readonly accept: readonly ('FLOAT32' | 'FLOAT64')[];
+  /**
+   * Where float32 contents go: the compute backend's memory (see Kernels.allocate). The bytes are
+   * then always copied there, once; without it an aligned field is viewed in place.
+   */
+  readonly allocate?: (length: number) => Float32Array;
 }
 
-/** Checks a tensor message and returns its float32 contents. */
-export function decodeTensor(t: Tensor__Output | null | undefined, opts: DecodeOptions): DecodedTensor {
+export interface TensorHeader {
+  readonly shape: number[];
+  readonly dtype: WireDType;
+  /** Elements, and bytes the data must have. */
+  readonly count: number;
+  readonly bytes: number;
+}
+
+/** Checks a tensor message's shape and dtype (not its data): what a stream's first message declares. */
+export function decodeTensorHeader(t: Pick<Tensor__Output, 'shape' | 'dtype'> | null | undefined, opts: DecodeOptions): TensorHeader {
   const { field } = opts;
   const invalid = (detail: string) => bnError('BN_ERR_INVALID_TENSOR', { field, detail }, field);
   if (!t) throw invalid('the tensor is missing');
@@ -53,16 +66,32 @@ export function decodeTensor(t: Tensor__Output | null | undefined, opts: DecodeO
     throw bnError('BN_ERR_TENSOR_TOO_LARGE', { field, elements, limit: opts.maxElements }, field);
   }
   const count = Number(elements);
-  const width = ELEMENT_BYTES[dtype as WireDType];
-  const bytes = t.data;
-  if (bytes.length !== count * width) {
-    throw invalid(
-      `data has ${bytes.length} bytes, but shape [${shape.join(', ')}] of ${dtype} needs ${count * width} (${count} elements of ${width} bytes)`,
+  return { shape, dtype: dtype as WireDType, count, bytes: count * ELEMENT_BYTES[dtype as WireDType] };
+}
+
+/** Checks a tensor message and returns its float32 contents. */
+export function decodeTensor(t: Tensor__Output | null | undefined, opts: DecodeOptions): DecodedTensor {
+  const header = decodeTensorHeader(t, opts);
+  const { shape, dtype, count } = header;
+  const bytes = t!.data;
+  if (bytes.length !== header.bytes) {
+    throw bnError(
+      'BN_ERR_INVALID_TENSOR',
+      {
+        field: opts.field,
+        detail: `data has ${bytes.length} bytes, but shape [${shape.join(', ')}] of ${dtype} needs ${header.bytes} (${count} elements of ${ELEMENT_BYTES[dtype]} bytes)`,
+      },
+      opts.field,
     );
   }
   if (dtype === 'FLOAT64') {
     const f64 = bytes.byteOffset % 8 === 0 ? new Float64Array(bytes.buffer, bytes.byteOffset, count) : copyAligned(bytes, Float64Array, count);
     return { shape, data: Float32Array.from(f64) };
+  }
+  if (opts.allocate) {
+    const data = opts.allocate(count);
+    new Uint8Array(data.buffer, data.byteOffset, data.byteLength).set(bytes);
+    return { shape, data };
   }
   const data = bytes.byteOffset % 4 === 0 ? new Float32Array(bytes.buffer, bytes.byteOffset, count) : copyAligned(bytes, Float32Array, count);
   return { shape, data };

@@ -15,7 +15,7 @@ export interface TestServer {
 
 export async function startTestServer(overrides: Partial<Config> = {}, logger: Logger = pino({ level: 'silent' })): Promise<TestServer> {
   const dataDir = overrides.dataDir ?? mkdtempSync(join(tmpdir(), 'normserve-test-'));
-  const config = defaultConfig({ host: '127.0.0.1', port: 0, metricsPort: 0, backend: 'webasm', ...overrides, dataDir });
+  const config = defaultConfig({ host: '127.0.0.1', port: 0, metricsPort: 0, backend: 'native', ...overrides, dataDir });
   const { kernels } = await selectKernels(config.backend);
   const running = await startServer(config, { kernels, logger });
   return {

@@ -7,9 +7,12 @@ import gpujs from 'gpu.js';
 import type { IKernelRunShortcut } from 'gpu.js';
 import type { ChannelStats, GradInputParams, GradSums, Kernels, Layout, NormalizeParams } from '../kernels.js';
 import { acquireWebGPU, releaseWebGPU } from './environment.js';
+import { coarse, flatten, GpuJsFused, split, type FusedOptions, type PipelineCounters } from './fused.js';
 import { BLOCK, GRAD_INPUT, GRAD_SUMS, NORMALIZE, PARTIAL_SUMS, PLANE_KERNEL_MIN_S } from './sources.js';
 
 const { GPU } = gpujs;
+
+export { coarse, flatten } from './fused.js';
 
 export type GpuJsMode = 'webgpu' | 'headlessgl' | 'webasm' | 'cpu';
 
@@ -61,14 +64,23 @@ export class GpuJsKernels implements Kernels {
   readonly #gradSums: IKernelRunShortcut;
   readonly #normalize: Elementwise;
   readonly #gradInput: Elementwise;
+  /**
+   * Whole training forwards and backwards as gpu.js pipelines, on webasm and webgpu (see
+   * fused.ts). headlessgl runs pipelines step by step through its generic executor, which gains
+   * nothing over the separate kernels, and cpu has no fused executor: they have none.
+   */
+  readonly fused?: GpuJsFused;
   /** Resizing and running a kernel must not interleave with another call's (webgpu awaits). */
   #tail: Promise<unknown> = Promise.resolve();
 
-  constructor(mode: GpuJsMode, description: string) {
+  constructor(mode: GpuJsMode, description: string, options: { fused?: boolean } & FusedOptions = {}) {
     this.backend = mode;
     this.description = description;
     this.#gpu = new GPU({ mode });
     if (mode === 'webgpu') acquireWebGPU();
+    if ((mode === 'webasm' || mode === 'webgpu') && options.fused !== false) {
+      this.fused = new GpuJsFused(this.#gpu, mode, (work) => this.#exclusive(work), options);
+    }
     const make = (source: string, argumentTypes: object) =>
       this.#gpu.createKernel(source, { ...SETTINGS, argumentTypes } as never) as IKernelRunShortcut;
     this.#sums = make(PARTIAL_SUMS, STATS_ARGS);
@@ -158,57 +170,29 @@ export class GpuJsKernels implements Kernels {
     return flatten(out, length);
   }
 
+  /** Pipelines compiled, evicted and cached by the fused passes (undefined without them). */
+  pipelineCounters(): PipelineCounters | undefined {
+    return this.fused?.counters();
+  }
+
   async dispose(): Promise<void> {
     await this.#tail;
+    await this.fused?.dispose();
     await this.#gpu.destroy();
     if (this.backend === 'webgpu') await releaseWebGPU();
   }
 
   #run(kernel: IKernelRunShortcut, output: number[], args: unknown[]): Promise<Output> {
-    const run = this.#tail.then(async () => {
+    return this.#exclusive(async () => {
       kernel.setOutput(output);
       return (await (kernel as unknown as (...a: unknown[]) => Output | Promise<Output>)(...args)) as Output;
     });
+  }
+
+  /** Runs `work` after every call before it has finished. */
+  #exclusive<T>(work: () => Promise<T>): Promise<T> {
+    const run = this.#tail.then(work);
     this.#tail = run.catch(() => undefined);
     return run;
   }
-}
-
-/** A float64 vector as float32 head and tail: head + tail is v to about 48 bits. */
-function split(v: Float64Array): [Float32Array, Float32Array] {
-  const hi = Float32Array.from(v);
-  const lo = new Float32Array(v.length);
-  for (let i = 0; i < v.length; i++) lo[i] = v[i]! - hi[i]!;
-  return [hi, lo];
-}
-
-/**
- * v rounded to 8 significant bits. Subtracting a float32 constant from float32 values drops the
- * constant's low bits the same way for every value of one binade, a bias that does not average
- * out; with a coarse constant, x - shift is exact for every x within 2^16 times of it.
- */
-export function coarse(v: number): number {
-  if (v === 0 || !Number.isFinite(v)) return 0;
-  const step = 2 ** (Math.floor(Math.log2(Math.abs(v))) - 7);
-  return Math.round(v / step) * step;
-}
-
-/**
- * A kernel's result as one Float32Array. 2-D results come as rows; on webasm they are views of
- * one buffer and are returned as one view without copying.
- */
-export function flatten(out: Output, length: number): Float32Array {
-  if (out instanceof Float32Array) return out.length === length ? out : out.subarray(0, length);
-  const first = out[0];
-  if (!first) return new Float32Array(0);
-  const rowBytes = first.byteLength;
-  const contiguous = out.every((row, k) => row.buffer === first.buffer && row.byteOffset === first.byteOffset + k * rowBytes);
-  if (contiguous) return new Float32Array(first.buffer, first.byteOffset, length);
-  const flat = new Float32Array(length);
-  let offset = 0;
-  for (const row of out) {
-    flat.set(row, offset);
-    offset += row.length;
-  }
-  return flat;
 }

@@ -114,3 +114,102 @@ export const GRAD_INPUT = elementwise('x, dy, c, s, hi, lo, a, bb, k', 'dy[idx] 
 
 /** Planes at least this long use the planes form. */
 export const PLANE_KERNEL_MIN_S = 32;
+
+/*
+ * Fused passes (gpu.js pipelines, see fused.ts): the same block sums, plus small per-channel
+ * kernels that combine the blocks' partial results inside the pipeline, so that no intermediate
+ * has to come back to the host before the elementwise pass. Each is compiled per shape class:
+ * `parts` (blocks per channel) is a constant of the source.
+ */
+
+/**
+ * A compensated float32 sum over the `parts` partial results of channel `ch` in the first
+ * (offset 0) or second (offset cells) half of p, into `name`; `term` may rewrite the summand `pv`.
+ */
+const combineParts = (name: string, parts: number, offset: string, term = 'pv') => `
+  let ${name} = 0;
+  let ${name}Comp = 0;
+  for (let q = 0; q < ${parts}; q++) {
+    const pv = p[${offset} + ch * ${parts} + q];
+    const ${name}Y = ${term} - ${name}Comp;
+    const ${name}T = (${name} + ${name}Y) * one;
+    ${name}Comp = (${name}T - ${name}) - ${name}Y;
+    ${name} = ${name}T;
+  }
+  ${name} = ${name} - ${name}Comp;`;
+
+/** Sums of v * v in the first c * parts cells, of v in the second: one pass gives both. */
+export const SQUARES_AND_DEVIATIONS = blockSums(
+  'x, c, s, count, parts, block, hi, lo, one',
+  'let term = v; if (second == 0) { term = v * v; }',
+  'return sum;',
+);
+
+/**
+ * Per channel, from the first pass's compensated block sums of x - hi: t = their total / count,
+ * the mean's offset from hi to float32 precision (the centre of the second pass).
+ */
+export const centerSource = (parts: number) => `function (p, c, count, one) {
+  const ch = this.thread.x;
+  ${combineParts('total', parts, '0', `pv - p[c * ${parts} + ch * ${parts} + q]`)}
+  return total / count;
+}`;
+
+/**
+ * Per channel, from the second pass's sums about hi + t: three rows of c values, the mean as a
+ * float32 head and tail (the head, then the tail, so that (x - head) - tail is what the separate
+ * normalize kernel computes), then scale = weight / sqrt(m2 / count + eps), or 0 where m2 and eps
+ * are both 0. The head and tail come from a two-sum of hi and t plus the second pass's own mean
+ * offset; `one` keeps a shader compiler from folding the two-sum away.
+ */
+export const forwardCoeffsSource = (parts: number) => `function (p, hi, t, weight, c, count, eps, one) {
+  let ch = this.thread.x;
+  let row = 0;
+  if (ch >= c) { ch = ch - c; row = 1; }
+  if (ch >= c) { ch = ch - c; row = 2; }
+  ${combineParts('sq', parts, '0')}
+  ${combineParts('lin', parts, `c * ${parts}`)}
+  const drift = lin / count;
+  if (row < 2) {
+    const a = hi[ch];
+    const b = t[ch];
+    const head = (a + b) * one;
+    const bv = (head - a) * one;
+    const av = (head - bv) * one;
+    const err = (a - av) + (b - bv);
+    if (row == 0) { return head; }
+    return err + drift;
+  }
+  let m2 = sq - lin * drift;
+  if (m2 < 0) { m2 = 0; }
+  const variance = m2 / count;
+  let invstd = 0;
+  if (variance > 0 || eps > 0) { invstd = 1 / Math.sqrt(variance + eps); }
+  return invstd * weight[ch];
+}`;
+
+/** y = ((x - head) - tail) * scale + bias, with head, tail and scale the rows of k. */
+export const FUSED_NORMALIZE = elementwise('x, c, s, k, bias', '((x[idx] - k[ch]) - k[c + ch]) * k[c + c + ch] + bias[ch]');
+
+/**
+ * Per channel, from backward's block sums (Σ dy, then Σ dy·(x − mean)): two rows of c values,
+ * b = −a·invstd²·S2/count and k = −a·S1/count with batch statistics, zeros without.
+ */
+export const gradCoeffsSource = (parts: number) => `function (p, a, invstd, c, count, batch, one) {
+  let ch = this.thread.x;
+  let row = 0;
+  if (ch >= c) { ch = ch - c; row = 1; }
+  if (batch == 0) { return 0; }
+  const av = a[ch];
+  if (row == 0) {
+    ${combineParts('s2', parts, `c * ${parts}`)}
+    const iv = invstd[ch];
+    const b = (av * iv) * (iv * (s2 / count));
+    return 0 - b;
+  }
+  ${combineParts('s1', parts, '0')}
+  return 0 - av * (s1 / count);
+}`;
+
+/** grad_input = dy * a + ((x - hi) - lo) * b + k, with b and k the rows of kk. */
+export const FUSED_GRAD_INPUT = elementwise('x, dy, c, s, hi, lo, a, kk', 'dy[idx] * a[ch] + ((x[idx] - hi[ch]) - lo[ch]) * kk[ch] + kk[c + ch]');

@@ -1,0 +1,227 @@
+/**
+ * Calls that carry one tensor in and one out (Forward, Backward and their sync twins), in two
+ * shapes over one implementation (a TensorOp):
+ *
+ * - unary: the tensor inside the request message, decoded with one copy into the backend's memory;
+ * - streamed: a head message with the tensor's shape and dtype, then its bytes in chunks of any
+ *   size, copied straight to their place; the answer goes back as a head and then chunks that are
+ *   views of the output. Streams hold at most `streamBudgetBytes` of tensors between them, so a
+ *   tensor may be larger than a message but memory stays bounded by configuration.
+ */
+import type { ServerDuplexStream } from '@grpc/grpc-js';
+import { bnError } from '../errors.js';
+import type { Tensor } from '../generated/normserve/v1/Tensor.js';
+import type { Tensor__Output } from '../generated/normserve/v1/Tensor.js';
+import { decodeTensor, decodeTensorHeader, encodeTensor, type DecodedTensor, type TensorHeader } from '../wire/tensor-codec.js';
+import type { Principal } from './auth.js';
+import { toServiceError } from './status.js';
+import type { CallContext, Handler, Requirement, Scratch } from './unary.js';
+
+/** What a tensor call answers: the response without its tensor, and the tensor. */
+export interface TensorAnswer<Res> {
+  readonly head: Res;
+  readonly shape: readonly number[];
+  readonly tensor: Float32Array;
+}
+
+export interface TensorOp<Req, Res> {
+  /** The request's tensor field ('input' or 'grad_output') and the response's ('output' or 'grad_input'). */
+  readonly inputField: string;
+  readonly outputField: string;
+  /**
+   * Every check that needs no tensor data, in the order the unary call makes them; `header`
+   * decodes the tensor's shape and dtype (and throws what is wrong with them).
+   */
+  check(req: Req, header: () => TensorHeader): void;
+  /** The work, once the data is in. Tensors the call owns afterwards go into `scratch`. */
+  run(req: Req, tensor: DecodedTensor, signal: AbortSignal, scratch: Scratch): Promise<TensorAnswer<Res>>;
+  /** The data turned out wrong after `check` passed (length, or a stream cut short). */
+  fail?(req: Req, err: unknown): void;
+}
+
+export interface TensorCallContext extends CallContext {
+  readonly maxTensorElements: number;
+  readonly allocate?: (length: number) => Float32Array;
+  readonly streams: StreamBudget;
+  /** Bytes per answer chunk of a stream. */
+  readonly streamChunkBytes: number;
+}
+
+/** The bytes that streamed tensors may hold at once, reserved when a stream's head arrives. */
+export class StreamBudget {
+  #used = 0;
+  constructor(readonly limit: number) {}
+
+  get used(): number {
+    return this.#used;
+  }
+
+  reserve(bytes: number): () => void {
+    if (this.#used + bytes > this.limit) {
+      throw bnError('BN_ERR_STREAM_BUDGET', { bytes, used: this.#used, limit: this.limit });
+    }
+    this.#used += bytes;
+    let released = false;
+    return () => {
+      if (released) return;
+      released = true;
+      this.#used -= bytes;
+    };
+  }
+}
+
+const decodeOptions = (ctx: TensorCallContext, field: string) => ({
+  field,
+  maxElements: ctx.maxTensorElements,
+  accept: ['FLOAT32'] as const,
+  ...(ctx.allocate && { allocate: ctx.allocate }),
+});
+
+/** The unary form: the tensor travels inside the request and the response. */
+export function unaryTensorHandler<Req, Res>(ctx: TensorCallContext, op: TensorOp<Req, Res>): Handler<Req, Res> {
+  return async (req, signal, _principal, scratch) => {
+    const wire = (req as Record<string, unknown>)[op.inputField] as Tensor__Output | null | undefined;
+    const options = decodeOptions(ctx, op.inputField);
+    op.check(req, () => decodeTensorHeader(wire, options));
+    let tensor: DecodedTensor;
+    try {
+      tensor = decodeTensor(wire, options);
+    } catch (err) {
+      op.fail?.(req, err);
+      throw err;
+    }
+    const answer = await op.run(req, tensor, signal, scratch);
+    return { ...answer.head, [op.outputField]: encodeTensor(answer.shape, answer.tensor) } as Res;
+  };
+}
+
+interface StreamMessage<T> {
+  head?: T | null;
+  chunk?: Buffer;
+  part?: 'head' | 'chunk';
+}
+
+/**
+ * The streamed form, for a bidirectional stream of `{head | chunk}` messages. Admission (drain,
+ * authentication, call limit) is as for unary calls; the permission is checked against the
+ * head's module name.
+ */
+export function streamTensorHandler<Req, Res>(ctx: TensorCallContext, requirement: Requirement, op: TensorOp<Req, Res>) {
+  return (call: ServerDuplexStream<StreamMessage<Req>, StreamMessage<Res>>) => {
+    let finished = false;
+    const cleanups: (() => void)[] = [];
+    const scratch: Scratch = [];
+    const finish = (err?: unknown) => {
+      if (finished) return;
+      finished = true;
+      for (const cleanup of cleanups.splice(0)) cleanup();
+      if (err !== undefined) call.emit('error', toServiceError(err, ctx.logger));
+    };
+    if (ctx.draining()) return finish(bnError('BN_ERR_SHUTTING_DOWN', {}));
+    let principal: Principal;
+    try {
+      principal = ctx.auth.authenticate(call.metadata);
+    } catch (err) {
+      return finish(err);
+    }
+    if (ctx.inFlight.count >= ctx.maxCalls) {
+      return finish(bnError('BN_ERR_TOO_MANY_CALLS', { count: ctx.inFlight.count, where: 'being handled', limit: `max_calls=${ctx.maxCalls}` }));
+    }
+    ctx.inFlight.count++;
+    cleanups.push(() => ctx.inFlight.count--);
+    const cancel = new AbortController();
+    call.once('cancelled', () => {
+      cancel.abort();
+      finish();
+    });
+    const deadline = call.getDeadline();
+    const ms = deadline instanceof Date ? deadline.getTime() - Date.now() : deadline - Date.now();
+    if (Number.isFinite(ms)) {
+      const timer = setTimeout(() => cancel.abort(), Math.max(0, ms));
+      cleanups.push(() => clearTimeout(timer));
+    }
+    // Tensors go back to the backend once every chunk has been serialised.
+    call.once('finish', () => {
+      if (ctx.release) for (const t of scratch) ctx.release(t);
+    });
+
+    let req: Req | undefined;
+    let header: TensorHeader | undefined;
+    let data: Float32Array | undefined;
+    let bytes: Uint8Array | undefined;
+    let received = 0;
+
+    call.on('data', (message: StreamMessage<Req>) => {
+      if (finished) return;
+      try {
+        if (message.part === 'head') {
+          if (req !== undefined) throw invalidStream('a second head arrived; a stream carries one call');
+          req = message.head!;
+          const named = (req as { name?: unknown }).name;
+          const name = typeof named === 'string' ? named : '';
+          if (!principal.can(requirement === 'list' ? 'read' : requirement, name)) {
+            throw bnError('BN_ERR_PERMISSION_DENIED', { id: principal.id, access: requirement, name });
+          }
+          const wire = (req as Record<string, unknown>)[op.inputField] as Tensor__Output | null | undefined;
+          if (wire && wire.data.length > 0) throw invalidStream(`the head's ${op.inputField} carries data; send its bytes as chunks after the head`);
+          op.check(req, () => (header = decodeTensorHeader(wire, decodeOptions(ctx, op.inputField))));
+          // The input and the output it becomes.
+          cleanups.push(ctx.streams.reserve(2 * header!.bytes));
+          data = ctx.allocate ? ctx.allocate(header!.count) : new Float32Array(header!.count);
+          bytes = new Uint8Array(data.buffer, data.byteOffset, data.byteLength);
+          return;
+        }
+        if (req === undefined || bytes === undefined) throw invalidStream('data arrived before the head');
+        const chunk = message.chunk ?? Buffer.alloc(0);
+        if (received + chunk.length > bytes.length) {
+          throw streamLength(op.inputField, `more than the ${bytes.length} bytes its shape [${header!.shape.join(', ')}] needs`, req, op);
+        }
+        bytes.set(chunk, received);
+        received += chunk.length;
+      } catch (err) {
+        finish(err);
+      }
+    });
+
+    call.on('end', () => {
+      if (finished) return;
+      void (async () => {
+        if (req === undefined || data === undefined) throw invalidStream('the stream ended without a head');
+        if (received !== bytes!.length) {
+          throw streamLength(op.inputField, `${received} bytes before the stream ended, of the ${bytes!.length} its shape [${header!.shape.join(', ')}] needs`, req, op);
+        }
+        const answer = await op.run(req, { shape: header!.shape, data }, cancel.signal, scratch);
+        if (finished) return;
+        const head = { ...answer.head, [op.outputField]: { shape: answer.shape.map(String), dtype: 'FLOAT32', data: Buffer.alloc(0) } satisfies Tensor } as Res;
+        await write(call, { head });
+        const out = answer.tensor;
+        const outBytes = Buffer.from(out.buffer, out.byteOffset, out.byteLength);
+        for (let at = 0; at < outBytes.length && !finished; at += ctx.streamChunkBytes) {
+          await write(call, { chunk: outBytes.subarray(at, Math.min(outBytes.length, at + ctx.streamChunkBytes)) });
+        }
+        if (finished) return;
+        finished = true;
+        for (const cleanup of cleanups.splice(0)) cleanup();
+        call.end();
+      })().catch((err: unknown) => finish(err));
+    });
+  };
+}
+
+/** Writes one message, waiting for the stream to drain when its buffer is full. */
+function write<T>(call: ServerDuplexStream<unknown, T>, message: T): Promise<void> {
+  return new Promise((resolve) => {
+    if (call.write(message)) resolve();
+    else call.once('drain', resolve);
+  });
+}
+
+function invalidStream(detail: string) {
+  return bnError('BN_ERR_INVALID_STREAM', { detail });
+}
+
+function streamLength<Req>(field: string, detail: string, req: Req, op: TensorOp<Req, unknown>) {
+  const err = bnError('BN_ERR_INVALID_TENSOR', { field, detail: `the stream carried ${detail}` }, field);
+  op.fail?.(req, err);
+  return err;
+}

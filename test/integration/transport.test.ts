@@ -1,0 +1,46 @@
+/**
+ * The HTTP/2 windows: the server advertises the configured stream window in its SETTINGS and
+ * opens the connection window with a WINDOW_UPDATE (grpc-js 1.14 has no option for either).
+ */
+import { connect, type ClientHttp2Session } from 'node:http2';
+import { afterEach, describe, expect, it } from 'vitest';
+import type { Config } from '../../src/config.js';
+import { startTestServer, type TestServer } from '../support/server.js';
+
+let server: TestServer | undefined;
+let session: ClientHttp2Session | undefined;
+afterEach(async () => {
+  session?.destroy();
+  await server?.stop();
+  server = undefined;
+});
+
+/** The server's SETTINGS, and the connection window it grants this client, once they arrive. */
+async function windows(overrides: Partial<Config>): Promise<{ stream: number | undefined; connection: number | undefined }> {
+  server = await startTestServer(overrides);
+  session = connect(`http://${server.address}`);
+  await new Promise<void>((resolve) => session!.once('remoteSettings', () => resolve()));
+  // The WINDOW_UPDATE follows the SETTINGS; give it a round trip.
+  await new Promise<void>((resolve) => session!.ping(() => resolve()));
+  return { stream: session.remoteSettings.initialWindowSize, connection: session.state.remoteWindowSize };
+}
+
+describe('HTTP/2 flow control', () => {
+  it('opens 16 MiB windows by default', async () => {
+    const w = await windows({});
+    expect(w.stream).toBe(16 * 1024 * 1024);
+    expect(w.connection).toBe(16 * 1024 * 1024);
+  });
+
+  it('follows --flow-control-window', async () => {
+    const w = await windows({ flowControlWindow: 4 * 1024 * 1024 });
+    expect(w.stream).toBe(4 * 1024 * 1024);
+    expect(w.connection).toBe(4 * 1024 * 1024);
+  });
+
+  it("keeps HTTP/2's own 65535 when asked to", async () => {
+    const w = await windows({ flowControlWindow: 65_535 });
+    expect(w.stream).toBe(65_535);
+    expect(w.connection).toBe(65_535);
+  });
+});
