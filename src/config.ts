@@ -128,6 +128,13 @@ export const SETTINGS = {
     schema: int(1024, 2 ** 30),
     description: 'Bytes per chunk in the answers of streamed calls.',
   },
+  shmDir: {
+    flag: 'shm-dir',
+    env: 'NORMSERVE_SHM_DIR',
+    default: '',
+    schema: z.string(),
+    description: "Directory under which co-located clients may register shared-memory regions (such as /dev/shm); '' turns shared memory off.",
+  },
   maxTensorElements: {
     flag: 'max-tensor-elements',
     env: 'NORMSERVE_MAX_TENSOR_ELEMENTS',

@@ -181,6 +181,20 @@ export const catalogue = {
     status: Status.INVALID_ARGUMENT,
     template: 'invalid stream: {detail} (send one head message, then the tensor\'s bytes as chunks)',
   },
+  BN_ERR_SHM_DISABLED: {
+    status: Status.FAILED_PRECONDITION,
+    template: 'shared memory is off on this server; the operator turns it on with --shm-dir (e.g. /dev/shm)',
+  },
+  BN_ERR_REGION_NAME: {
+    status: Status.INVALID_ARGUMENT,
+    template: "invalid region name '{name}': use 1 to 128 letters, digits, '.', '_', '-' or '/'",
+  },
+  BN_ERR_REGION_EXISTS: { status: Status.ALREADY_EXISTS, template: "region '{name}' is registered already; unregister it first" },
+  BN_ERR_REGION_LIMIT: { status: Status.RESOURCE_EXHAUSTED, template: 'the server holds {limit} regions, its limit; unregister some first' },
+  BN_ERR_REGION_PATH: { status: Status.INVALID_ARGUMENT, template: 'cannot register {path}: {detail} (the server allows files under {dir})' },
+  BN_ERR_REGION_BOUNDS: { status: Status.INVALID_ARGUMENT, template: 'out of bounds: {detail}' },
+  BN_ERR_REGION_UNKNOWN: { status: Status.NOT_FOUND, template: "no region named '{name}' is registered (by this caller)" },
+  BN_ERR_REGION_DATA: { status: Status.INVALID_ARGUMENT, template: '{field} has data and names a region; send the bytes one way only' },
   BN_ERR_CANCELLED: { status: Status.CANCELLED, template: 'the call was cancelled before it ran' },
   BN_ERR_SHUTTING_DOWN: { status: Status.UNAVAILABLE, template: 'the server is shutting down; retry on another replica' },
   BN_ERR_STORE: {

@@ -1,5 +1,6 @@
 /** normserve's public surface: the client, and the pieces to embed a server. */
 export { NormserveClient, NormserveClientError } from './client/client.js';
+export { SharedMemoryFile } from './client/shared-memory.js';
 export type {
   BufferName,
   ClientOptions,
@@ -16,6 +17,10 @@ export type {
   StepStats,
   SyncRule,
   TensorData,
+  Transport,
+  TransportChoice,
+  RegionUse,
+  RegionInfo,
 } from './client/client.js';
 export { catalogue, Status, type ErrorCode } from './errors.js';
 export { defaultConfig, loadConfig, SETTINGS, type Config } from './config.js';

@@ -24,6 +24,7 @@ import type { StateDict } from '../nn/state-dict.js';
 import { ErrorInfo, RpcStatus, grpcObject } from '../wire/proto.js';
 import { encodeTensor } from '../wire/tensor-codec.js';
 import { clientChannelOptions } from '../wire/transport.js';
+import type { SharedMemoryFile } from './shared-memory.js';
 
 /** A state_dict; an absent key is one the module does not have (None). */
 export type { ModuleKind, StateDict };
@@ -166,6 +167,30 @@ function decodeErrorInfo(metadata: Metadata | undefined): { reason: string; pyth
 export type Transport = 'unary' | 'stream';
 export interface TransportChoice {
   transport?: Transport;
+  /**
+   * Move the tensors through a registered shared-memory region instead: the input is written
+   * into `file` at `inputOffset`, the server reads it there and writes its answer at
+   * `outputOffset`, where it is read back.
+   */
+  region?: RegionUse;
+}
+
+export interface RegionUse {
+  /** The name it was registered under. */
+  name: string;
+  file: SharedMemoryFile;
+  /** Where the region starts in the file (the offset it was registered with; default 0). */
+  fileOffset?: number;
+  /** Where the input and the answer go, in bytes from the region's start. */
+  inputOffset: number;
+  outputOffset: number;
+}
+
+export interface RegionInfo {
+  name: string;
+  path: string;
+  offset: number;
+  byteSize: number;
 }
 
 interface StreamPart {
@@ -180,6 +205,15 @@ function writeStream(call: ClientDuplexStream<object, StreamPart>, message: obje
     else call.once('drain', resolve);
   });
 }
+
+interface WireRegion {
+  name: string;
+  path: string;
+  offset: string;
+  byte_size: string;
+}
+
+const regionFromWire = (r: WireRegion): RegionInfo => ({ name: r.name, path: r.path, offset: Number(r.offset), byteSize: Number(r.byte_size) });
 
 function tensorFromWire(t: Tensor__Output | null | undefined): TensorData {
   if (!t || t.dtype !== 'FLOAT32') throw new Error('normserve client: expected a FLOAT32 tensor in the reply');
@@ -351,6 +385,7 @@ export class NormserveClient {
       'output',
       this.#stub,
       options.transport,
+      options.region,
     );
     return { ...tensor, contextId: response.context_id };
   }
@@ -364,6 +399,7 @@ export class NormserveClient {
       'grad_input',
       this.#stub,
       options.transport,
+      options.region,
     );
     return {
       gradInput: tensor,
@@ -446,6 +482,21 @@ export class NormserveClient {
     return moduleFromWire(await this.#call<Module__Output>('ConvertToSync', { name, world_size: worldSize, sync_rule: syncRule ?? 'SYNC_RULE_UNSPECIFIED' }, this.#sync));
   }
 
+  /** Registers `byteSize` bytes from `offset` of a file under the server's --shm-dir as region `name`. */
+  async registerRegion(name: string, path: string, byteSize: number, offset = 0): Promise<RegionInfo> {
+    return regionFromWire(await this.#call('RegisterRegion', { name, path, offset: String(offset), byte_size: String(byteSize) }));
+  }
+
+  async unregisterRegion(name: string): Promise<void> {
+    await this.#call('UnregisterRegion', { name });
+  }
+
+  /** The regions this caller registered. */
+  async listRegions(): Promise<RegionInfo[]> {
+    const r = await this.#call<{ regions: WireRegion[] }>('ListRegions', {});
+    return r.regions.map(regionFromWire);
+  }
+
   #call<T>(method: string, request: object, stub: object = this.#stub): Promise<T> {
     const fn = (stub as Record<string, Function>)[method]!;
     return new Promise<T>((resolve, reject) => {
@@ -476,7 +527,25 @@ export class NormserveClient {
     outField: string,
     stub: object,
     transport: Transport | undefined,
+    region?: RegionUse,
   ): Promise<{ tensor: TensorData; response: R }> {
+    if (region) {
+      const start = region.fileOffset ?? 0;
+      region.file.write(start + region.inputOffset, input.data);
+      const r = await this.#call<Record<string, unknown>>(
+        method,
+        {
+          ...request,
+          [inField]: { shape: input.shape.map(String), dtype: 'FLOAT32', data: Buffer.alloc(0) },
+          [`${inField}_region`]: { region: region.name, offset: String(region.inputOffset) },
+          [`${outField}_region`]: { region: region.name, offset: String(region.outputOffset) },
+        },
+        stub,
+      );
+      const t = r[outField] as Tensor__Output;
+      const shape = t.shape.map(Number);
+      return { tensor: { shape, data: region.file.read(start + region.outputOffset, shape.reduce((a, d) => a * d, 1)) }, response: r as R };
+    }
     const streamed = transport === 'stream' || (transport === undefined && input.data.byteLength > this.#streamAboveBytes);
     if (!streamed) {
       const r = await this.#call<Record<string, unknown>>(method, { ...request, [inField]: encodeTensor(input.shape, input.data) }, stub);

@@ -18,6 +18,7 @@ import type { BackwardResponse } from '../generated/normserve/v1/BackwardRespons
 import type { ForwardRequest__Output } from '../generated/normserve/v1/ForwardRequest.js';
 import type { ForwardResponse } from '../generated/normserve/v1/ForwardResponse.js';
 import { streamTensorHandler, unaryTensorHandler, type TensorCallContext, type TensorOp } from './tensor-call.js';
+import type { RegionInfo } from './shared-memory.js';
 import { unaryWith } from './unary.js';
 
 export interface BatchNormServiceDeps extends TensorCallContext {
@@ -26,6 +27,8 @@ export interface BatchNormServiceDeps extends TensorCallContext {
   readonly coordinator: Coordinator;
   readonly kernels: Kernels;
 }
+
+const regionToWire = (r: RegionInfo) => ({ name: r.name, path: r.path, offset: String(r.offset), byte_size: String(r.byteSize) });
 
 export function addBatchNormService(server: Server, deps: BatchNormServiceDeps): void {
   const { registry, contexts, coordinator, kernels } = deps;
@@ -135,6 +138,15 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
     Forward: unary('write', unaryTensorHandler(deps, forward)),
     Backward: unary('write', unaryTensorHandler(deps, backwardOp)),
     ForwardStream: streamTensorHandler(deps, 'write', forward),
+    RegisterRegion: unary('list', async (req, _signal, principal) => {
+      const r = await deps.regions.register(principal.id, req.name, req.path, Number(req.offset), Number(req.byte_size));
+      return regionToWire(r);
+    }),
+    UnregisterRegion: unary('list', async (req, _signal, principal) => {
+      await deps.regions.unregister(principal.id, req.name);
+      return {};
+    }),
+    ListRegions: unary('list', (_req, _signal, principal) => ({ regions: deps.regions.list(principal.id).map(regionToWire) })),
     BackwardStream: streamTensorHandler(deps, 'write', backwardOp),
   };
   server.addService(batchNormService, handlers as unknown as UntypedServiceImplementation);

@@ -23,6 +23,7 @@ import { callLogInterceptor } from './call-log.js';
 import { Metrics } from './metrics.js';
 import { createGrpcServer } from '../wire/transport.js';
 import { StreamBudget } from './tensor-call.js';
+import { RegionRegistry } from './shared-memory.js';
 
 export const BATCH_NORM_SERVICE_NAME = 'normserve.v1.BatchNormService';
 export const SYNC_SERVICE_NAME = 'normserve.v1.SyncBatchNormService';
@@ -65,6 +66,7 @@ export async function startServer(
     | 'flowControlWindow'
     | 'streamBudgetBytes'
     | 'streamChunkBytes'
+    | 'shmDir'
     | 'maxTensorElements'
     | 'maxModules'
     | 'maxCalls'
@@ -110,6 +112,7 @@ export async function startServer(
   coordinator.restore(stored.steps);
   logger.info({ store: store.location, durability: config.durability, modules: stored.modules.length, steps: stored.steps.length }, 'state restored');
   let draining = false;
+  const regions = new RegionRegistry(config.shmDir);
   const auth = config.authTokensFile ? Authenticator.fromFile(config.authTokensFile) : Authenticator.disabled();
   const serviceDeps = {
     auth,
@@ -121,6 +124,7 @@ export async function startServer(
     ...(kernels.allocate && { allocate: kernels.allocate.bind(kernels) }),
     ...(kernels.release && { release: kernels.release.bind(kernels) }),
     streams: new StreamBudget(config.streamBudgetBytes),
+    regions,
     // A chunk must fit a message, with room for the field's tag and length.
     streamChunkBytes: Math.min(config.streamChunkBytes, config.maxMessageBytes - 64),
     logger,
@@ -164,6 +168,7 @@ export async function startServer(
         });
       });
       contexts.close();
+      await regions.close();
       persistence.close();
       await metricsServer.close();
       await kernels.dispose();

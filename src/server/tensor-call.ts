@@ -14,6 +14,7 @@ import type { Tensor } from '../generated/normserve/v1/Tensor.js';
 import type { Tensor__Output } from '../generated/normserve/v1/Tensor.js';
 import { decodeTensor, decodeTensorHeader, encodeTensor, type DecodedTensor, type TensorHeader } from '../wire/tensor-codec.js';
 import type { Principal } from './auth.js';
+import type { Ref, RegionRegistry } from './shared-memory.js';
 import { toServiceError } from './status.js';
 import type { CallContext, Handler, Requirement, Scratch } from './unary.js';
 
@@ -41,6 +42,7 @@ export interface TensorOp<Req, Res> {
 
 export interface TensorCallContext extends CallContext {
   readonly maxTensorElements: number;
+  readonly regions: RegionRegistry;
   readonly allocate?: (length: number) => Float32Array;
   readonly streams: StreamBudget;
   /** Bytes per answer chunk of a stream. */
@@ -77,21 +79,44 @@ const decodeOptions = (ctx: TensorCallContext, field: string) => ({
   ...(ctx.allocate && { allocate: ctx.allocate }),
 });
 
-/** The unary form: the tensor travels inside the request and the response. */
+/**
+ * The unary form: the tensor travels inside the request and the response, or, where the request
+ * names regions (`<field>_region`), through registered shared memory.
+ */
 export function unaryTensorHandler<Req, Res>(ctx: TensorCallContext, op: TensorOp<Req, Res>): Handler<Req, Res> {
-  return async (req, signal, _principal, scratch) => {
-    const wire = (req as Record<string, unknown>)[op.inputField] as Tensor__Output | null | undefined;
+  const inRegionField = `${op.inputField}_region`;
+  const outRegionField = `${op.outputField}_region`;
+  return async (req, signal, principal, scratch) => {
+    const fields = req as Record<string, unknown>;
+    const wire = fields[op.inputField] as Tensor__Output | null | undefined;
+    const inRef = (fields[inRegionField] ?? null) as Ref | null;
+    const outRef = (fields[outRegionField] ?? null) as Ref | null;
     const options = decodeOptions(ctx, op.inputField);
-    op.check(req, () => decodeTensorHeader(wire, options));
+    let header: TensorHeader | undefined;
+    op.check(req, () => (header = decodeTensorHeader(wire, options)));
     let tensor: DecodedTensor;
     try {
-      tensor = decodeTensor(wire, options);
+      if (inRef || outRef) header ??= decodeTensorHeader(wire, options);
+      // The answer has the input's size: its place is checked before any work.
+      if (outRef) ctx.regions.check(principal.id, outRef, header!.bytes, outRegionField);
+      if (inRef) {
+        if (wire && wire.data.length > 0) throw bnError('BN_ERR_REGION_DATA', { field: op.inputField }, op.inputField);
+        ctx.regions.check(principal.id, inRef, header!.bytes, inRegionField);
+        const data = ctx.allocate ? ctx.allocate(header!.count) : new Float32Array(header!.count);
+        await ctx.regions.read(principal.id, inRef, new Uint8Array(data.buffer, data.byteOffset, data.byteLength), inRegionField);
+        tensor = { shape: header!.shape, data };
+      } else {
+        tensor = decodeTensor(wire, options);
+      }
     } catch (err) {
       op.fail?.(req, err);
       throw err;
     }
     const answer = await op.run(req, tensor, signal, scratch);
-    return { ...answer.head, [op.outputField]: encodeTensor(answer.shape, answer.tensor) } as Res;
+    if (!outRef) return { ...answer.head, [op.outputField]: encodeTensor(answer.shape, answer.tensor) } as Res;
+    const out = answer.tensor;
+    await ctx.regions.write(principal.id, outRef, new Uint8Array(out.buffer, out.byteOffset, out.byteLength), outRegionField);
+    return { ...answer.head, [op.outputField]: { shape: answer.shape.map(String), dtype: 'FLOAT32', data: Buffer.alloc(0) } } as Res;
   };
 }
 

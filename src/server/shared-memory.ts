@@ -1,0 +1,149 @@
+/**
+ * Shared-memory regions for co-located clients, in the spirit of Triton's system shared-memory
+ * extension: a client creates a file under the directory the operator allows (--shm-dir, such as
+ * the tmpfs /dev/shm), registers a byte range of it, and names offsets in it instead of sending
+ * tensor bytes. Node has no mmap, so the server moves the bytes with pread and pwrite on the
+ * registered file: one copy from the page cache into the backend's memory and one back, made on
+ * libuv's thread pool, off the event loop.
+ */
+import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
+import { isAbsolute, relative, sep } from 'node:path';
+import { bnError } from '../errors.js';
+
+export interface RegionInfo {
+  readonly name: string;
+  readonly path: string;
+  readonly offset: number;
+  readonly byteSize: number;
+}
+
+interface OpenRegion extends RegionInfo {
+  readonly file: FileHandle;
+  /** The principal that registered it: the only one that may use it. */
+  readonly owner: string;
+}
+
+export interface Ref {
+  readonly region: string;
+  readonly offset: string | number;
+}
+
+const NAME = /^[A-Za-z0-9._\-/]{1,128}$/;
+
+export class RegionRegistry {
+  readonly #dir: string;
+  readonly #max: number;
+  readonly #regions = new Map<string, OpenRegion>();
+
+  /** `dir` '' turns shared memory off. */
+  constructor(dir: string, maxRegions = 1024) {
+    this.#dir = dir;
+    this.#max = maxRegions;
+  }
+
+  get enabled(): boolean {
+    return this.#dir !== '';
+  }
+
+  async register(owner: string, name: string, path: string, offset: number, byteSize: number): Promise<RegionInfo> {
+    if (!this.enabled) throw bnError('BN_ERR_SHM_DISABLED', {});
+    if (!NAME.test(name)) throw bnError('BN_ERR_REGION_NAME', { name });
+    if (this.#regions.has(name)) throw bnError('BN_ERR_REGION_EXISTS', { name });
+    if (this.#regions.size >= this.#max) throw bnError('BN_ERR_REGION_LIMIT', { limit: this.#max });
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(byteSize) || byteSize <= 0) {
+      throw bnError('BN_ERR_REGION_BOUNDS', { detail: `offset ${offset} and byte_size ${byteSize}: byte_size must be positive` });
+    }
+    // The real path, links resolved, must lie inside the allowed directory.
+    let real: string;
+    let root: string;
+    try {
+      root = await realpath(this.#dir);
+      real = await realpath(path);
+    } catch (err) {
+      throw bnError('BN_ERR_REGION_PATH', { path, detail: (err as NodeJS.ErrnoException).code ?? (err as Error).message, dir: this.#dir });
+    }
+    const rel = relative(root, real);
+    if (rel === '' || rel.startsWith('..') || isAbsolute(rel) || rel.split(sep).includes('..')) {
+      throw bnError('BN_ERR_REGION_PATH', { path, detail: 'it is outside the shared-memory directory', dir: this.#dir });
+    }
+    const info = await stat(real);
+    if (!info.isFile()) throw bnError('BN_ERR_REGION_PATH', { path, detail: 'it is not a regular file', dir: this.#dir });
+    if (offset + byteSize > info.size) {
+      throw bnError('BN_ERR_REGION_BOUNDS', { detail: `offset ${offset} + byte_size ${byteSize} is past the end of the ${info.size}-byte file` });
+    }
+    const file = await open(real, 'r+');
+    if (this.#regions.has(name)) {
+      // Registered meanwhile by a concurrent call.
+      await file.close();
+      throw bnError('BN_ERR_REGION_EXISTS', { name });
+    }
+    const region = { name, path: real, offset, byteSize, file, owner };
+    this.#regions.set(name, region);
+    return strip(region);
+  }
+
+  async unregister(owner: string, name: string): Promise<void> {
+    const region = this.#get(owner, name);
+    this.#regions.delete(name);
+    await region.file.close();
+  }
+
+  list(owner: string): RegionInfo[] {
+    return [...this.#regions.values()].filter((r) => r.owner === owner).map(strip).sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  /** Checks that `bytes` bytes fit at `offset` in the region (before any work is done). */
+  check(owner: string, ref: Ref, bytes: number, field: string): void {
+    this.#locate(owner, ref, bytes, field);
+  }
+
+  /** Reads `target.byteLength` bytes at the reference into `target`. */
+  async read(owner: string, ref: Ref, target: Uint8Array, field: string): Promise<void> {
+    const { region, at } = this.#locate(owner, ref, target.byteLength, field);
+    let done = 0;
+    while (done < target.byteLength) {
+      const { bytesRead } = await region.file.read(target, done, target.byteLength - done, at + done);
+      if (bytesRead === 0) throw bnError('BN_ERR_REGION_BOUNDS', { detail: `region '${region.name}' ends early: its file was truncated` });
+      done += bytesRead;
+    }
+  }
+
+  /** Writes `source` at the reference. */
+  async write(owner: string, ref: Ref, source: Uint8Array, field: string): Promise<void> {
+    const { region, at } = this.#locate(owner, ref, source.byteLength, field);
+    let done = 0;
+    while (done < source.byteLength) {
+      const { bytesWritten } = await region.file.write(source, done, source.byteLength - done, at + done);
+      done += bytesWritten;
+    }
+  }
+
+  async close(): Promise<void> {
+    const all = [...this.#regions.values()];
+    this.#regions.clear();
+    await Promise.all(all.map((r) => r.file.close().catch(() => undefined)));
+  }
+
+  #get(owner: string, name: string): OpenRegion {
+    const region = this.#regions.get(name);
+    // Another principal's region is answered as unknown: names do not leak between tenants.
+    if (!region || region.owner !== owner) throw bnError('BN_ERR_REGION_UNKNOWN', { name });
+    return region;
+  }
+
+  #locate(owner: string, ref: Ref, bytes: number, field: string): { region: OpenRegion; at: number } {
+    if (!this.enabled) throw bnError('BN_ERR_SHM_DISABLED', {});
+    const region = this.#get(owner, ref.region);
+    const offset = Number(ref.offset);
+    if (!Number.isSafeInteger(offset) || offset < 0 || offset + bytes > region.byteSize) {
+      throw bnError('BN_ERR_REGION_BOUNDS', {
+        detail: `${field}: ${bytes} bytes at offset ${ref.offset} do not fit region '${region.name}' of ${region.byteSize} bytes`,
+      });
+    }
+    return { region, at: region.offset + offset };
+  }
+}
+
+function strip({ name, path, offset, byteSize }: RegionInfo): RegionInfo {
+  return { name, path, offset, byteSize };
+}
