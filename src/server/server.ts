@@ -22,7 +22,7 @@ import { Authenticator } from './auth.js';
 import { callLogInterceptor } from './call-log.js';
 import { Metrics } from './metrics.js';
 import { createGrpcServer } from '../wire/transport.js';
-import { StreamBudget } from './tensor-call.js';
+import { PlainCopies, StreamBudget } from './tensor-call.js';
 import { RegionRegistry } from './shared-memory.js';
 
 export const BATCH_NORM_SERVICE_NAME = 'normserve.v1.BatchNormService';
@@ -113,6 +113,7 @@ export async function startServer(
   logger.info({ store: store.location, durability: config.durability, modules: stored.modules.length, steps: stored.steps.length }, 'state restored');
   let draining = false;
   const regions = new RegionRegistry(config.shmDir);
+  const plain = new PlainCopies();
   const auth = config.authTokensFile ? Authenticator.fromFile(config.authTokensFile) : Authenticator.disabled();
   const serviceDeps = {
     auth,
@@ -122,8 +123,12 @@ export async function startServer(
     kernels,
     maxTensorElements: config.maxTensorElements,
     ...(kernels.allocate && { allocate: kernels.allocate.bind(kernels) }),
-    ...(kernels.release && { release: kernels.release.bind(kernels) }),
+    release: (t: Float32Array) => {
+      if (t.buffer instanceof SharedArrayBuffer) kernels.release?.(t);
+      else plain.give(t);
+    },
     streams: new StreamBudget(config.streamBudgetBytes),
+    plain,
     regions,
     // A chunk must fit a message, with room for the field's tag and length.
     streamChunkBytes: Math.min(config.streamChunkBytes, config.maxMessageBytes - 64),

@@ -45,8 +45,44 @@ export interface TensorCallContext extends CallContext {
   readonly regions: RegionRegistry;
   readonly allocate?: (length: number) => Float32Array;
   readonly streams: StreamBudget;
+  readonly plain: PlainCopies;
   /** Bytes per answer chunk of a stream. */
   readonly streamChunkBytes: number;
+}
+
+/**
+ * Plain-memory copies of answers in shared memory, kept for reuse. protobufjs copies a bytes
+ * field into its message at any offset, and V8 copies out of shared memory byte by byte when the
+ * alignments differ; an aligned copy into plain memory first, then protobufjs's memcpy, is
+ * faster. Pooled, because fresh memory costs a page fault per 4 KiB on first touch.
+ */
+export class PlainCopies {
+  readonly #free = new Map<number, Float32Array[]>();
+  /** The copies this pool made and has handed out: only those come back. */
+  readonly #out = new WeakSet<Float32Array>();
+  #bytes = 0;
+  constructor(readonly limit = 256 * 1024 * 1024) {}
+
+  /** `t` itself when it is in plain memory, else a copy (to `give` back once serialised). */
+  take(t: Float32Array): Float32Array {
+    if (!(t.buffer instanceof SharedArrayBuffer)) return t;
+    const copy = this.#free.get(t.length)?.pop();
+    if (copy) this.#bytes -= copy.byteLength;
+    const out = copy ?? new Float32Array(t.length);
+    out.set(t);
+    this.#out.add(out);
+    return out;
+  }
+
+  give(t: Float32Array): void {
+    if (!this.#out.has(t)) return;
+    this.#out.delete(t);
+    if (this.#bytes + t.byteLength > this.limit) return;
+    let list = this.#free.get(t.length);
+    if (!list) this.#free.set(t.length, (list = []));
+    list.push(t);
+    this.#bytes += t.byteLength;
+  }
 }
 
 /** The bytes that streamed tensors may hold at once, reserved when a stream's head arrives. */
@@ -113,7 +149,11 @@ export function unaryTensorHandler<Req, Res>(ctx: TensorCallContext, op: TensorO
       throw err;
     }
     const answer = await op.run(req, tensor, signal, scratch);
-    if (!outRef) return { ...answer.head, [op.outputField]: encodeTensor(answer.shape, answer.tensor) } as Res;
+    if (!outRef) {
+      const plain = ctx.plain.take(answer.tensor);
+      if (plain !== answer.tensor) scratch.push(plain);
+      return { ...answer.head, [op.outputField]: encodeTensor(answer.shape, plain) } as Res;
+    }
     const out = answer.tensor;
     await ctx.regions.write(principal.id, outRef, new Uint8Array(out.buffer, out.byteOffset, out.byteLength), outRegionField);
     return { ...answer.head, [op.outputField]: { shape: answer.shape.map(String), dtype: 'FLOAT32', data: Buffer.alloc(0) } } as Res;

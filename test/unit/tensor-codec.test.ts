@@ -45,3 +45,20 @@ describe('decodeTensor', () => {
     expect((t.data as Buffer).buffer).toBe(data.buffer);
   });
 });
+
+describe('copyBytes', () => {
+  it('copies every byte into shared memory from any offset, through the bounce buffer or not', async () => {
+    const { copyBytes } = await import('../../src/wire/tensor-codec.js');
+    for (const size of [10, 4096, 4097, (1 << 20) + 13, 3 * (1 << 20) + 5]) {
+      for (const skew of [0, 1, 3, 8]) {
+        const source = new Uint8Array(size + skew).map((_, i) => (i * 131 + 7) & 255).subarray(skew);
+        const shared = new Uint8Array(new SharedArrayBuffer(size));
+        copyBytes(source, shared);
+        expect(Buffer.from(shared.buffer).equals(Buffer.from(source)), `${size} bytes at offset ${skew}`).toBe(true);
+        const plain = new Uint8Array(size);
+        copyBytes(source, plain);
+        expect(Buffer.from(plain.buffer).equals(Buffer.from(source))).toBe(true);
+      }
+    }
+  });
+});
