@@ -3,7 +3,8 @@
  * a grpc-js server built exactly as normserve builds its own (`createGrpcServer` with the default
  * message limit and HTTP/2 window of src/config.ts) that serves one unary method,
  * normserve.bench.Echo/Echo (bench/echo.proto). It takes a normserve.v1.ForwardRequest and
- * answers a ForwardResponse whose output is the request's input tensor, the same bytes.
+ * answers a ForwardResponse whose output is the request's input tensor, the same bytes; and
+ * EchoStream, which takes a ForwardStream's head and chunks and sends them back once all are in.
  *
  * So an Echo call pays everything a Forward pays on the wire (HTTP/2 framing and flow control,
  * protobuf decoding of the request and encoding of a reply of the same size, the event loop of a
@@ -19,6 +20,7 @@ import {
   ServerCredentials,
   type sendUnaryData,
   type ServerUnaryCall,
+  type ServerDuplexStream,
   type ServiceClientConstructor,
   type UntypedServiceImplementation,
 } from '@grpc/grpc-js';
@@ -26,6 +28,8 @@ import { loadSync } from '@grpc/proto-loader';
 import { SETTINGS } from '../src/config.js';
 import type { ForwardRequest__Output } from '../src/generated/normserve/v1/ForwardRequest.js';
 import type { ForwardResponse } from '../src/generated/normserve/v1/ForwardResponse.js';
+import type { ForwardStreamRequest__Output } from '../src/generated/normserve/v1/ForwardStreamRequest.js';
+import type { ForwardStreamResponse } from '../src/generated/normserve/v1/ForwardStreamResponse.js';
 import { LOADER_OPTIONS, PROTO_DIR } from '../src/wire/proto.js';
 import { createGrpcServer } from '../src/wire/transport.js';
 
@@ -47,6 +51,23 @@ async function main(): Promise<void> {
   const handlers = {
     Echo(call: ServerUnaryCall<ForwardRequest__Output, ForwardResponse>, callback: sendUnaryData<ForwardResponse>) {
       callback(null, { output: call.request.input, context_id: '' });
+    },
+    EchoStream(call: ServerDuplexStream<ForwardStreamRequest__Output, ForwardStreamResponse>) {
+      // As ForwardStream does: the whole tensor in, then the answer out with backpressure.
+      let head: ForwardStreamResponse | undefined;
+      const chunks: Buffer[] = [];
+      call.on('data', (m: ForwardStreamRequest__Output) => {
+        if (m.part === 'head') head = { head: { output: m.head!.input, context_id: '' } };
+        else chunks.push(m.chunk!);
+      });
+      call.on('end', () => {
+        void (async () => {
+          const write = (m: ForwardStreamResponse) => new Promise<void>((done) => (call.write(m) ? done() : call.once('drain', () => done())));
+          await write(head!);
+          for (const chunk of chunks) await write({ chunk });
+          call.end();
+        })();
+      });
     },
   };
   server.addService(loadEchoService().service, handlers as unknown as UntypedServiceImplementation);

@@ -33,13 +33,15 @@
  */
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
-import { availableParallelism, cpus } from 'node:os';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { availableParallelism, cpus, tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { parseArgs } from 'node:util';
-import { credentials, type Client, type ServiceError } from '@grpc/grpc-js';
+import { credentials, type Client, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js';
 import * as ort from 'onnxruntime-node';
 import { NormserveClient } from '../src/client/client.js';
+import { SharedMemoryFile } from '../src/client/shared-memory.js';
 import { BACKEND_NAMES, layoutOf, type Kernels, type Layout } from '../src/kernels/kernels.js';
 import { referenceGradInput, referenceGradSums, referenceNormalize, referenceStats } from '../src/kernels/reference.js';
 import { startBackend } from '../src/kernels/select.js';
@@ -81,8 +83,8 @@ const { values: args } = parseArgs({
 });
 const QUICK = args.quick === true;
 /** `--only kernels,e2e,memory` runs a subset of the parts (all by default). */
-const ONLY = new Set((typeof args.only === 'string' ? args.only : 'kernels,e2e,memory').split(',').map((p) => p.trim()));
-const want = (part: 'kernels' | 'e2e' | 'memory') => ONLY.has(part);
+const ONLY = new Set((typeof args.only === 'string' ? args.only : 'kernels,e2e,transport,memory').split(',').map((p) => p.trim()));
+const want = (part: 'kernels' | 'e2e' | 'transport' | 'memory') => ONLY.has(part);
 const TIMING = QUICK ? { warmup: 1, minRuns: 3, maxRuns: 5, minMs: 200 } : { warmup: 3, minRuns: 10, maxRuns: 40, minMs: 1500 };
 const SHAPES = selectShapes(args.shapes);
 /** onnxruntime's and PyTorch's default eps; ONNX momentum 0.9 is PyTorch momentum 0.1. */
@@ -456,6 +458,90 @@ async function endToEnd(forwardStub: Client, echoStub: Client, admin: NormserveC
   };
 }
 
+// ---- Streams and shared memory ---------------------------------------------------------------
+
+interface TransportRow {
+  shape: string;
+  tensor_mb: number;
+  runs: number;
+  /** Medians, ms: unary Forward, ForwardStream, EchoStream of the same chunks, Forward through a shared-memory region. */
+  forward_ms: number;
+  forward_stream_ms: number;
+  echo_stream_ms: number;
+  forward_shm_ms: number;
+  forward_stream_over_echo_stream: number;
+  /** Tensor bytes per second of the whole call (the input in, the output back). */
+  forward_stream_gb_per_s: number;
+  forward_shm_gb_per_s: number;
+}
+
+const STREAM_CHUNK = 1024 * 1024;
+
+/** EchoStream with the client's chunking: a head, then the bytes in 1 MiB chunks; waits for all of it back. */
+function echoStream(stub: Client, shape: readonly number[], x: Float32Array): Promise<void> {
+  const call = (stub as unknown as { EchoStream(): ClientDuplexStream<object, { part?: string; chunk?: Buffer }> }).EchoStream();
+  return new Promise((resolve, reject) => {
+    let received = 0;
+    call.on('data', (m) => {
+      if (m.part === 'chunk') received += m.chunk!.length;
+    });
+    call.on('error', reject);
+    call.on('end', () => (received === x.byteLength ? resolve() : reject(new Error(`echo stream: ${received} of ${x.byteLength} bytes`))));
+    void (async () => {
+      const write = (m: object) => new Promise<void>((done) => (call.write(m) ? done() : call.once('drain', () => done())));
+      await write({ head: { name: 'echo', input: { shape: shape.map(String), dtype: 'FLOAT32', data: Buffer.alloc(0) } } });
+      const bytes = Buffer.from(x.buffer, x.byteOffset, x.byteLength);
+      for (let at = 0; at < bytes.length; at += STREAM_CHUNK) await write({ chunk: bytes.subarray(at, at + STREAM_CHUNK) });
+      call.end();
+    })();
+  });
+}
+
+/** Forward unary, streamed and through shared memory, beside the streamed echo, interleaved. */
+async function transports(client: NormserveClient, echoStub: Client, spec: ShapeSpec, shmDir: string): Promise<TransportRow> {
+  const name = `bench/transport/${spec.shape.join('x')}`;
+  await client.createModule(name, { kind: spec.kind, numFeatures: spec.shape[1]! });
+  const x = inputInto(new Float32Array(elements(spec.shape)));
+  const input = { shape: spec.shape, data: x };
+  const file = SharedMemoryFile.create(join(shmDir, `normserve-bench-${process.pid}-${spec.shape.join('x')}`), 2 * x.byteLength);
+  await client.registerRegion(name, file.path, 2 * x.byteLength);
+  const region = { name, file, inputOffset: 0, outputOffset: x.byteLength, into: new Float32Array(x.length) };
+  const timed = async (run: () => Promise<unknown>) => {
+    const t = performance.now();
+    await run();
+    return performance.now() - t;
+  };
+  const runs = { unary: [] as number[], stream: [] as number[], echo: [] as number[], shm: [] as number[] };
+  const oneRound = async () => {
+    runs.unary.push(await timed(() => client.forward(name, input, { transport: 'unary' })));
+    runs.stream.push(await timed(() => client.forward(name, input, { transport: 'stream' })));
+    runs.echo.push(await timed(() => echoStream(echoStub, spec.shape, x)));
+    runs.shm.push(await timed(() => client.forward(name, input, { region })));
+  };
+  try {
+    for (let i = 0; i < TIMING.warmup; i++) await oneRound();
+    for (const list of Object.values(runs)) list.length = 0;
+    const start = performance.now();
+    while (runs.unary.length < TIMING.maxRuns && (runs.unary.length < TIMING.minRuns || performance.now() - start < 2 * TIMING.minMs)) await oneRound();
+  } finally {
+    await client.unregisterRegion(name);
+    file.close(true);
+  }
+  const m = { unary: median(runs.unary), stream: median(runs.stream), echo: median(runs.echo), shm: median(runs.shm) };
+  return {
+    shape: spec.label,
+    tensor_mb: round(x.byteLength / 1e6, 3),
+    runs: runs.unary.length,
+    forward_ms: round(m.unary, 4),
+    forward_stream_ms: round(m.stream, 4),
+    echo_stream_ms: round(m.echo, 4),
+    forward_shm_ms: round(m.shm, 4),
+    forward_stream_over_echo_stream: round(m.stream / m.echo, 3),
+    forward_stream_gb_per_s: round(x.byteLength / 1e6 / m.stream, 3),
+    forward_shm_gb_per_s: round(x.byteLength / 1e6 / m.shm, 3),
+  };
+}
+
 // ---- Memory per in-flight call -------------------------------------------------------------
 
 interface MemoryRow {
@@ -583,7 +669,10 @@ async function main(): Promise<void> {
   // 4. End to end, with the fastest backend by training forward over the shapes run.
   const total = (backend: string) => cells.filter((c) => c.runner === backend && c.work === 'forward-train').reduce((sum, c) => sum + c.median_ms, 0);
   const serverBackend = typeof args.backend === 'string' ? args.backend : ([...backends].sort((a, b) => total(a) - total(b))[0] ?? 'auto');
-  const serverArgs = ['--backend', serverBackend];
+  // Shared memory under /dev/shm where the machine has it (a tmpfs), else the temporary directory.
+  const shmDir = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
+  const serverArgs = ['--backend', serverBackend, '--shm-dir', shmDir];
+  const transportRows: TransportRow[] = [];
   log(`end to end: normserve ${serverArgs.join(' ')} and the echo server`);
   const server = await startServerProcess(serverArgs);
   const echo = await startEchoProcess();
@@ -599,6 +688,11 @@ async function main(): Promise<void> {
       const row = await endToEnd(forwardStub, echoStub, admin, spec);
       endToEndRows.push(row);
       log(`  ${spec.label}: Forward ${ms(row.forward_ms)} ms, echo ${ms(row.echo_ms)} ms (${row.pairs} pairs)`);
+    }
+    for (const spec of want('transport') ? SHAPES : []) {
+      const row = await transports(admin, echoStub, spec, shmDir);
+      transportRows.push(row);
+      log(`  ${spec.label}: ForwardStream ${ms(row.forward_stream_ms)} ms, EchoStream ${ms(row.echo_stream_ms)} ms, shared memory ${ms(row.forward_shm_ms)} ms`);
     }
   } finally {
     forwardStub.close();
@@ -653,6 +747,24 @@ async function main(): Promise<void> {
       endToEndRows.map((r) => [r.shape, r.tensor_mb.toFixed(2), ms(r.forward_ms), ms(r.echo_ms), ratioText(r.forward_over_echo), ms(r.forward_first_call_ms), ms(r.echo_first_call_ms), String(r.pairs)]),
     ),
   );
+  lines.push('', '## Streams and shared memory: Forward unary, streamed in 1 MiB chunks, and through a shared-memory region (client writes and reads the file), beside the streamed echo', '');
+  lines.push(
+    table(
+      ['shape', 'tensor MB', 'Forward ms', 'ForwardStream ms', 'EchoStream ms', 'ForwardStream ÷ EchoStream', 'ForwardStream GB/s', 'shared memory ms', 'shared memory GB/s', 'runs'],
+      transportRows.map((r) => [
+        r.shape,
+        r.tensor_mb.toFixed(2),
+        ms(r.forward_ms),
+        ms(r.forward_stream_ms),
+        ms(r.echo_stream_ms),
+        ratioText(r.forward_stream_over_echo_stream),
+        r.forward_stream_gb_per_s.toFixed(2),
+        ms(r.forward_shm_ms),
+        r.forward_shm_gb_per_s.toFixed(2),
+        String(r.runs),
+      ]),
+    ),
+  );
   lines.push('', `## Server memory per in-flight Forward, ${memoryRows[0]?.shape ?? ''} (fresh server per repeat, median of ${MEMORY_REPEATS})`, '');
   lines.push(
     table(
@@ -683,6 +795,7 @@ async function main(): Promise<void> {
     cells,
     onnxruntime_checks: checks,
     end_to_end: { backend: serverBackend, rows: endToEndRows },
+    transports: transportRows,
     memory: memoryRows,
   };
   writeFileSync('bench-results/peers.json', `${JSON.stringify(json, null, 2)}\n`);

@@ -31,11 +31,12 @@ export class SharedMemoryFile {
     for (let done = 0; done < bytes.length; ) done += writeSync(this.#fd, bytes, done, bytes.length - done, offset + done);
   }
 
-  /** Reads `count` float32 values at `offset`. */
-  read(offset: number, count: number): Float32Array {
+  /** Reads `count` float32 values at `offset`, into `into` when it has exactly that many. */
+  read(offset: number, count: number, into?: Float32Array): Float32Array {
     this.#bounds(offset, count * 4);
-    const out = new Float32Array(count);
-    const bytes = new Uint8Array(out.buffer);
+    if (into && into.length !== count) throw new Error(`normserve client: the answer has ${count} values, the array given for it ${into.length}`);
+    const out = into ?? new Float32Array(count);
+    const bytes = new Uint8Array(out.buffer, out.byteOffset, out.byteLength);
     for (let done = 0; done < bytes.length; ) {
       const n = readSync(this.#fd, bytes, done, bytes.length - done, offset + done);
       if (n === 0) throw new Error(`normserve client: ${this.path} ends before byte ${offset + bytes.length}`);

@@ -71,7 +71,9 @@ describe('shared-memory regions', () => {
     // The answer went to the file, at the place named (the region starts 100 bytes in).
     expect(Buffer.from(file.read(100 + BYTES + 64, 8).buffer).equals(Buffer.from(b.data.buffer, 0, 32))).toBe(true);
 
-    const ga = await viaShm.client.backward('bn', a.contextId, input(5), { region });
+    const into = new Float32Array(SHAPE.reduce((p, d) => p * d, 1));
+    const ga = await viaShm.client.backward('bn', a.contextId, input(5), { region: { ...region, into } });
+    expect(ga.gradInput.data).toBe(into);
     const gb = await viaWire.client.backward('bn', b.contextId, input(5));
     expect(Buffer.from(ga.gradInput.data.buffer).equals(Buffer.from(gb.gradInput.data.buffer))).toBe(true);
     expect(Array.from(ga.gradWeight!)).toEqual(Array.from(gb.gradWeight!));
