@@ -5,6 +5,9 @@
  * Tensors are float32, row-major, viewed as (N, C, S) where S is the product of the spatial
  * dimensions (1 for an (N, C) input): element (n, c, s) is at index (n * C + c) * S + s.
  * Per-channel quantities are float64.
+ *
+ * A caller must not change an input tensor until the call's promise settles: backends may read
+ * it in place from other threads (native) or hand it to gpu.js without a copy (webasm pipelines).
  */
 
 export const BACKEND_NAMES = ['webgpu', 'headlessgl', 'native', 'webasm', 'cpu', 'reference'] as const;

@@ -20,7 +20,7 @@
  */
 import gpujs from 'gpu.js';
 import type { IKernelRunShortcut, IPipelineRunShortcut } from 'gpu.js';
-import type { BackwardParams, ChannelStats, FusedKernels, GradSums, Layout, TrainForwardParams } from '../kernels.js';
+import type { BackwardParams, ChannelStats, FusedKernels, GradSums, Kernels, Layout, TrainForwardParams } from '../kernels.js';
 import {
   BLOCK,
   centerSource,
@@ -31,7 +31,6 @@ import {
   gradCoeffsSource,
   PARTIAL_SUMS,
   PLANE_KERNEL_MIN_S,
-  SQUARES_AND_DEVIATIONS,
 } from './sources.js';
 
 type Gpu = InstanceType<typeof gpujs.GPU>;
@@ -50,6 +49,14 @@ export const FUSED_EXECUTORS: Readonly<Record<FusedMode, readonly string[]>> = {
 export const DEFAULT_PIPELINE_CACHE = 8;
 
 /**
+ * Tensors smaller than this (n * c * s) run on the separate kernels instead. On webasm a pipeline
+ * only pays for large tensors (it saves copies and runs its steps on the worker pool); below about
+ * a million values it measured no faster than the separate kernels, and it would hold a
+ * compiled plan and a wasm memory per shape. On webgpu it was faster at every size measured.
+ */
+export const FUSED_MIN_ELEMENTS: Readonly<Record<FusedMode, number>> = { webasm: 1 << 20, webgpu: 0 };
+
+/**
  * A channel's in-pipeline scale (or backward coefficient) may differ from the float64 one rounded
  * to float32 by this much, relative, before the channel is recomputed on the host (about 4 ulps;
  * the in-pipeline values are typically within one).
@@ -62,8 +69,7 @@ const INT = 'Integer';
 const ARR = 'Array';
 const FLT = 'Float';
 const SUMS_TYPES = { x: ARR, c: INT, s: INT, count: INT, parts: INT, block: INT, hi: ARR, lo: ARR, order: INT, one: FLT };
-const SQUARES_TYPES = { x: ARR, c: INT, s: INT, count: INT, parts: INT, block: INT, hi: ARR, lo: ARR, one: FLT };
-const CENTER_TYPES = { p: ARR, c: INT, count: INT, one: FLT };
+const CENTER_TYPES = { p: ARR, c: INT, count: INT, count1: FLT, count2: FLT, count3: FLT, one: FLT };
 const COEFFS_TYPES = { p: ARR, hi: ARR, t: ARR, weight: ARR, c: INT, count: INT, eps: FLT, one: FLT };
 const NORMALIZE_TYPES = { x: ARR, c: INT, s: INT, k: ARR, bias: ARR };
 const GRAD_SUMS_TYPES = { x: ARR, dy: ARR, c: INT, s: INT, count: INT, parts: INT, block: INT, hi: ARR, lo: ARR, one: FLT };
@@ -98,6 +104,8 @@ export interface PipelineCounters {
   readonly hostChannels: number;
   readonly capacity: number;
   readonly cached: readonly PipelineInfo[];
+  /** Pipelines and kernels alive on the gpu.js instance (all of them, the separate kernels too). */
+  readonly live: { readonly pipelines: number; readonly kernels: number };
 }
 
 interface Compiled {
@@ -113,13 +121,23 @@ export interface FusedOptions {
   readonly cacheSize?: number;
   /** webasm: false keeps pipelines off the worker pool ('fused-sync'). */
   readonly threads?: boolean;
+  /** webasm: false lets gpu.js copy tensor arguments before each call (see #unsampled). */
+  readonly shareInputs?: boolean;
+  /** Smaller tensors run on the separate kernels (default FUSED_MIN_ELEMENTS). */
+  readonly minElements?: number;
 }
+
+/** The separate kernels, for tensors too small for a pipeline to pay. */
+type Separate = Pick<Kernels, 'stats' | 'normalize' | 'gradSums' | 'gradInput'>;
 
 export class GpuJsFused implements FusedKernels {
   readonly #gpu: Gpu;
   readonly #mode: FusedMode;
   readonly #exclusive: <T>(work: () => Promise<T>) => Promise<T>;
   readonly #threads: boolean;
+  readonly #shareInputs: boolean;
+  readonly #minElements: number;
+  readonly #separate: Separate;
   readonly #capacity: number;
   /** Per pass, least recently used first (Map iteration order). */
   readonly #cache: Record<FusedPass, Map<string, Compiled>> = { forward: new Map(), backward: new Map() };
@@ -127,11 +145,14 @@ export class GpuJsFused implements FusedKernels {
   #evicted = 0;
   #hostChannels = 0;
 
-  constructor(gpu: Gpu, mode: FusedMode, exclusive: <T>(work: () => Promise<T>) => Promise<T>, options: FusedOptions = {}) {
+  constructor(gpu: Gpu, mode: FusedMode, exclusive: <T>(work: () => Promise<T>) => Promise<T>, separate: Separate, options: FusedOptions = {}) {
     this.#gpu = gpu;
     this.#mode = mode;
     this.#exclusive = exclusive;
+    this.#separate = separate;
+    this.#minElements = options.minElements ?? FUSED_MIN_ELEMENTS[mode];
     this.#threads = options.threads ?? true;
+    this.#shareInputs = options.shareInputs ?? true;
     this.#capacity = Math.max(1, options.cacheSize ?? DEFAULT_PIPELINE_CACHE);
   }
 
@@ -150,10 +171,18 @@ export class GpuJsFused implements FusedKernels {
       hostChannels: this.#hostChannels,
       capacity: this.#capacity,
       cached: [...this.#cache.forward.values(), ...this.#cache.backward.values()].map(info),
+      live: { pipelines: gpuList(this.#gpu, 'pipelines').length, kernels: gpuList(this.#gpu, 'kernels').length },
     };
   }
 
+  /** Whether a pipeline runs this layout (otherwise the separate kernels do). */
+  fusesLayout({ n, c, s }: Layout): boolean {
+    const size = n * c * s;
+    return size > 0 && size >= this.#minElements;
+  }
+
   trainForward(x: Float32Array, layout: Layout, params: TrainForwardParams): Promise<{ stats: ChannelStats; output: Float32Array }> {
+    if (!this.fusesLayout(layout)) return this.#separateForward(x, layout, params);
     return this.#exclusive(async () => {
       const { n, c, s } = layout;
       const { count, parts, cells } = blocking(layout);
@@ -161,31 +190,30 @@ export class GpuJsFused implements FusedKernels {
       for (let ch = 0; ch < c; ch++) hi[ch] = coarse(x[ch * s]!);
       const weight = Float32Array.from(params.weight);
       const bias = Float32Array.from(params.bias);
-      const [p1, t, p2, k, out] = (await this.#call('forward', layout, [x, hi, weight, bias, params.eps, 1])) as Output[];
+      const [p1, t, p2, k, out] = (await this.#call('forward', layout, [this.#unsampled(x), hi, weight, bias, params.eps, 1])) as Output[];
       const first = flatten(p1!, 2 * cells);
-      const second = flatten(p2!, 2 * cells);
+      const second = flatten(p2!, cells);
       const coeffs = flatten(k!, 3 * c);
-      const center = flatten(t!, c);
+      const center = flatten(t!, 2 * c);
       const y = flatten(out!, n * c * s);
 
       // The statistics as stats() computes them: the mean from the compensated block sums of
-      // x - hi, in float64; m2 from the sums of v² and v about hi + t (v = (x - hi) - t), with the
-      // centre's own offset removed (Σ(v - v̄)² = Σv² - (Σv)²/count).
+      // x - hi, in float64; m2 from the sums of squares of v = (x - hi) - t, less count times the
+      // square of the centre's distance from that mean (Σ(v - v̄)² = Σv² - count·v̄²).
       const mean = new Float64Array(c);
       const m2 = new Float64Array(c);
       for (let ch = 0; ch < c; ch++) {
         let total = 0;
         let squares = 0;
-        let linear = 0;
         for (let p = ch * parts; p < (ch + 1) * parts; p++) {
           total += first[p]! - first[cells + p]!;
           squares += second[p]!;
-          linear += second[cells + p]!;
         }
-        mean[ch] = hi[ch]! + total / count;
-        m2[ch] = Math.max(0, squares - (linear * linear) / count);
+        const offset = total / count;
+        const drift = offset - center[ch]!;
+        mean[ch] = hi[ch]! + offset;
+        m2[ch] = Math.max(0, squares - count * drift * drift);
       }
-      void center;
 
       // Each channel's in-pipeline mean and scale against the float64 ones.
       for (let ch = 0; ch < c; ch++) {
@@ -203,6 +231,7 @@ export class GpuJsFused implements FusedKernels {
   }
 
   backward(x: Float32Array, dy: Float32Array, layout: Layout, params: BackwardParams): Promise<{ sums: GradSums; gradInput: Float32Array }> {
+    if (!this.fusesLayout(layout)) return this.#separateBackward(x, dy, layout, params);
     return this.#exclusive(async () => {
       const { n, c, s } = layout;
       const { parts, cells } = blocking(layout);
@@ -210,7 +239,7 @@ export class GpuJsFused implements FusedKernels {
       const a64 = Float64Array.from(params.invstd, (v, ch) => params.weight[ch]! * v);
       const a = Float32Array.from(a64);
       const invstd = Float32Array.from(params.invstd);
-      const [g, kk, out] = (await this.#call('backward', layout, [x, dy, hi, lo, a, invstd, params.count, params.batchStats ? 1 : 0, 1])) as Output[];
+      const [g, kk, out] = (await this.#call('backward', layout, [this.#unsampled(x), this.#unsampled(dy), hi, lo, a, invstd, params.count, params.batchStats ? 1 : 0, 1])) as Output[];
       const sums = flatten(g!, 2 * cells);
       const coeffs = flatten(kk!, 2 * c);
       const gradInput = flatten(out!, n * c * s);
@@ -240,12 +269,57 @@ export class GpuJsFused implements FusedKernels {
     });
   }
 
+  /** trainForward on the separate kernels, as batch-norm.ts runs it without `fused`. */
+  async #separateForward(x: Float32Array, layout: Layout, params: TrainForwardParams): Promise<{ stats: ChannelStats; output: Float32Array }> {
+    const stats = await this.#separate.stats(x, layout);
+    const count = layout.n * layout.s;
+    const scale = stats.m2.map((m2, ch) => {
+      const variance = m2 / count;
+      return (variance === 0 && params.eps === 0 ? 0 : 1 / Math.sqrt(variance + params.eps)) * params.weight[ch]!;
+    });
+    const output = await this.#separate.normalize(x, layout, { mean: stats.mean, scale, shift: params.bias });
+    return { stats, output };
+  }
+
+  /** backward on the separate kernels, as batch-norm.ts runs it without `fused`. */
+  async #separateBackward(x: Float32Array, dy: Float32Array, layout: Layout, params: BackwardParams): Promise<{ sums: GradSums; gradInput: Float32Array }> {
+    const sums = await this.#separate.gradSums(x, dy, layout, params.mean);
+    const a = params.invstd.map((v, ch) => params.weight[ch]! * v);
+    const b = new Float64Array(layout.c);
+    const k = new Float64Array(layout.c);
+    if (params.batchStats) {
+      for (let ch = 0; ch < layout.c; ch++) {
+        const iv = params.invstd[ch]!;
+        b[ch] = (-a[ch]! * iv * iv * sums.sumDyXmu[ch]!) / params.count;
+        k[ch] = (-a[ch]! * sums.sumDy[ch]!) / params.count;
+      }
+    }
+    const gradInput = await this.#separate.gradInput(x, dy, layout, { mean: params.mean, a, b, k });
+    return { sums, gradInput };
+  }
+
   /** Destroys every cached pipeline (the GPU's own destroy would too; this is for eviction). */
   async dispose(): Promise<void> {
     for (const pass of ['forward', 'backward'] as const) {
       for (const p of this.#cache[pass].values()) await destroy(p, this.#gpu);
       this.#cache[pass].clear();
     }
+  }
+
+  /**
+   * A tensor argument as gpu.js should take it. A pipeline call copies every typed-array argument
+   * (`slice`) before it runs, so that the caller may change it meanwhile, and the webasm executor
+   * then copies it again into its memory. The Kernels contract already has callers leave their
+   * tensors alone until the call resolves (the separate kernels read them when their turn comes),
+   * so on webasm the tensor goes in as a view that gpu.js samples without the first copy: its
+   * snapshot passes over values with a `delete` method (device handles, which webgpu's executor
+   * rejects; the webasm executor reads them as the arrays they are).
+   */
+  #unsampled(x: Float32Array): Float32Array {
+    if (this.#mode !== 'webasm' || !this.#shareInputs) return x;
+    const view = new Float32Array(x.buffer, x.byteOffset, x.length);
+    Object.defineProperty(view, 'delete', { value: () => undefined, enumerable: false });
+    return view;
   }
 
   async #call(pass: FusedPass, layout: Layout, args: unknown[]): Promise<unknown> {
@@ -265,12 +339,23 @@ export class GpuJsFused implements FusedKernels {
       this.#compiled++;
     }
     cache.set(key, entry);
-    const result = await (entry.run as unknown as (...a: unknown[]) => Promise<unknown>)(...args);
+    const drop = async () => {
+      if (cache.get(key) === entry) cache.delete(key);
+      await destroy(entry, this.#gpu);
+    };
+    let result: unknown;
+    try {
+      result = await (entry.run as unknown as (...a: unknown[]) => Promise<unknown>)(...args);
+    } catch (err) {
+      await drop().catch(() => undefined);
+      throw err;
+    }
     entry.calls++;
     const kind = entry.run.executorKind;
+    // gpu.js runs a plan its fused executor declines step by step instead, without failing: that
+    // would be the separate kernels' cost and more, so it is an error here.
     if (!FUSED_EXECUTORS[this.#mode].includes(kind) || entry.run.backend !== this.#mode) {
-      cache.delete(key);
-      await destroy(entry, this.#gpu);
+      await drop();
       throw new Error(
         `gpu.js ran the ${pass} pipeline for (${key}) on ${entry.run.backend ?? 'no backend'} with the ${kind} executor instead of a fused ${this.#mode} one` +
           (entry.run.fallbackReason ? `: ${entry.run.fallbackReason}` : ''),
@@ -296,22 +381,33 @@ export class GpuJsFused implements FusedKernels {
     return this.#gpu.createPipeline(fn as never, settings);
   }
 
+  /**
+   * Whether the elementwise pass runs over (n * c, s) planes rather than a flat output: on webasm
+   * for long planes, as the separate kernels do; never on webgpu, where lavapipe runs 2-D
+   * dispatches markedly slower than 1-D ones (a flat normalize of (32,64,56,56) took 87 ms against
+   * 96 ms in planes).
+   */
+  #planes(s: number): boolean {
+    return this.#mode === 'webasm' && s >= PLANE_KERNEL_MIN_S;
+  }
+
   #compileForward(layout: Layout): Compiled {
     const { n, c, s } = layout;
     const { count, block, parts, cells } = blocking(layout);
     const kernels: IKernelRunShortcut[] = [];
-    const planes = s >= PLANE_KERNEL_MIN_S;
+    const planes = this.#planes(s);
     const sums = this.#kernel(kernels, PARTIAL_SUMS, SUMS_TYPES, [2 * cells]);
-    const center = this.#kernel(kernels, centerSource(parts), CENTER_TYPES, [c], parts);
-    const squares = this.#kernel(kernels, SQUARES_AND_DEVIATIONS, SQUARES_TYPES, [2 * cells]);
+    const center = this.#kernel(kernels, centerSource(parts), CENTER_TYPES, [2 * c], parts);
+    const [count1, count2, count3] = pieces(count);
+    const squares = this.#kernel(kernels, PARTIAL_SUMS, SUMS_TYPES, [cells]);
     const coeffs = this.#kernel(kernels, forwardCoeffsSource(parts), COEFFS_TYPES, [3 * c], parts);
     const normalize = this.#kernel(kernels, planes ? FUSED_NORMALIZE.planes : FUSED_NORMALIZE.flat, NORMALIZE_TYPES, planes ? [s, n * c] : [n * c * s]);
     const zeros = new Float32Array(c);
     type K = (...a: unknown[]) => unknown;
     const run = this.#pipeline(function (x: unknown, hi: unknown, weight: unknown, bias: unknown, eps: unknown, one: unknown) {
       const p1 = (sums as unknown as K)(x, c, s, count, parts, block, hi, zeros, 1, one);
-      const t = (center as unknown as K)(p1, c, count, one);
-      const p2 = (squares as unknown as K)(x, c, s, count, parts, block, hi, t, one);
+      const t = (center as unknown as K)(p1, c, count, count1, count2, count3, one);
+      const p2 = (squares as unknown as K)(x, c, s, count, parts, block, hi, t, 2, one);
       const k = (coeffs as unknown as K)(p2, hi, t, weight, c, count, eps, one);
       const y = (normalize as unknown as K)(x, c, s, k, bias);
       return [p1, t, p2, k, y];
@@ -323,7 +419,7 @@ export class GpuJsFused implements FusedKernels {
     const { n, c, s } = layout;
     const { count, block, parts, cells } = blocking(layout);
     const kernels: IKernelRunShortcut[] = [];
-    const planes = s >= PLANE_KERNEL_MIN_S;
+    const planes = this.#planes(s);
     const sums = this.#kernel(kernels, GRAD_SUMS, GRAD_SUMS_TYPES, [2 * cells]);
     const coeffs = this.#kernel(kernels, gradCoeffsSource(parts), GRAD_COEFFS_TYPES, [2 * c], parts);
     const gradInput = this.#kernel(kernels, planes ? FUSED_GRAD_INPUT.planes : FUSED_GRAD_INPUT.flat, GRAD_INPUT_TYPES, planes ? [s, n * c] : [n * c * s]);
@@ -338,13 +434,33 @@ export class GpuJsFused implements FusedKernels {
   }
 }
 
+/** gpu.js's registry of a GPU's pipelines or kernels. */
+function gpuList(gpu: Gpu, which: 'pipelines' | 'kernels'): unknown[] {
+  return (gpu as unknown as Record<string, unknown[] | undefined>)[which] ?? [];
+}
+
+/** Destroys a pipeline (its plan and its clones of the kernels) and the kernels it was traced with. */
 async function destroy(p: Compiled, gpu: Gpu): Promise<void> {
   await p.run.destroy();
-  const registered = (gpu as unknown as { kernels?: unknown[] }).kernels;
+  const registered = gpuList(gpu, 'kernels');
   for (const kernel of p.kernels) {
-    const inner = (kernel as unknown as { kernel?: unknown }).kernel;
-    if (!registered || registered.includes(inner)) kernel.destroy();
+    // gpu.js kernels unregister themselves on destroy, and destroying one twice is not safe
+    if (registered.includes((kernel as unknown as { kernel?: unknown }).kernel)) kernel.destroy();
   }
+}
+
+/** A positive integer below 2^30 as a sum of three numbers of at most 10 significant bits. */
+function pieces(count: number): [number, number, number] {
+  const out: number[] = [];
+  let rest = count;
+  for (let i = 0; i < 3; i++) {
+    const step = rest > 0 ? 2 ** Math.max(0, Math.floor(Math.log2(rest)) - 9) : 1;
+    const piece = Math.floor(rest / step) * step;
+    out.push(piece);
+    rest -= piece;
+  }
+  if (rest !== 0) throw new RangeError(`${count} values per channel are more than the fused kernels take`);
+  return out as [number, number, number];
 }
 
 /**

@@ -79,7 +79,7 @@ export class GpuJsKernels implements Kernels {
     this.#gpu = new GPU({ mode });
     if (mode === 'webgpu') acquireWebGPU();
     if ((mode === 'webasm' || mode === 'webgpu') && options.fused !== false) {
-      this.fused = new GpuJsFused(this.#gpu, mode, (work) => this.#exclusive(work), options);
+      this.fused = new GpuJsFused(this.#gpu, mode, (work) => this.#exclusive(work), this, options);
     }
     const make = (source: string, argumentTypes: object) =>
       this.#gpu.createKernel(source, { ...SETTINGS, argumentTypes } as never) as IKernelRunShortcut;

@@ -123,64 +123,98 @@ export const PLANE_KERNEL_MIN_S = 32;
  */
 
 /**
- * A compensated float32 sum over the `parts` partial results of channel `ch` in the first
- * (offset 0) or second (offset cells) half of p, into `name`; `term` may rewrite the summand `pv`.
+ * Code that adds `v` to `sum` and the rounding error of that addition to `err`: Fast2Sum on the
+ * larger and the smaller of the two, which is exact (Neumaier's form of compensated summation).
+ * Every result is multiplied by `one` before it is added further: a shader compiler that
+ * reassociates additions (Mesa's Vulkan driver, lavapipe, does inside loops) would otherwise add
+ * `err` to one half of the cancelling pair first and lose it; it cannot move an addition across a
+ * multiplication by a value it does not know.
  */
-const combineParts = (name: string, parts: number, offset: string, term = 'pv') => `
-  let ${name} = 0;
-  let ${name}Comp = 0;
-  for (let q = 0; q < ${parts}; q++) {
-    const pv = p[${offset} + ch * ${parts} + q];
-    const ${name}Y = ${term} - ${name}Comp;
-    const ${name}T = (${name} + ${name}Y) * one;
-    ${name}Comp = (${name}T - ${name}) - ${name}Y;
-    ${name} = ${name}T;
-  }
-  ${name} = ${name} - ${name}Comp;`;
-
-/** Sums of v * v in the first c * parts cells, of v in the second: one pass gives both. */
-export const SQUARES_AND_DEVIATIONS = blockSums(
-  'x, c, s, count, parts, block, hi, lo, one',
-  'let term = v; if (second == 0) { term = v * v; }',
-  'return sum;',
-);
+const addCompensated = (sum: string, err: string, v: string) => `
+    {
+      const addV = ${v};
+      const addT = (${sum} + addV) * one;
+      let addBig = ${sum};
+      let addSmall = addV;
+      if (Math.abs(${sum}) < Math.abs(addV)) {
+        addBig = addV;
+        addSmall = ${sum};
+      }
+      ${err} = ${err} + ((addBig - addT) * one + addSmall) * one;
+      ${sum} = addT;
+    }`;
 
 /**
- * Per channel, from the first pass's compensated block sums of x - hi: t = their total / count,
- * the mean's offset from hi to float32 precision (the centre of the second pass).
+ * A compensated float32 sum over the `parts` partial results of channel `ch` in the first
+ * (offset 0) or second (offset c * parts) half of p, into `name`, with `second` a further summand
+ * per part. The partial results have either sign (sums of deviations cancel), so each addition is
+ * exact (see addCompensated; Kahan's update would lose the error whenever a term is larger than
+ * the running sum). Afterwards `name` is the sum rounded to float32 and `<name>Err` what that
+ * rounding left out.
  */
-export const centerSource = (parts: number) => `function (p, c, count, one) {
-  const ch = this.thread.x;
-  ${combineParts('total', parts, '0', `pv - p[c * ${parts} + ch * ${parts} + q]`)}
-  return total / count;
+const combineParts = (name: string, parts: number, offset: string, second = '') => `
+  let ${name} = 0;
+  let ${name}Err = 0;
+  for (let q = 0; q < ${parts}; q++) {
+    ${addCompensated(name, `${name}Err`, `p[${offset} + ch * ${parts} + q]`)}
+    ${second ? addCompensated(name, `${name}Err`, second) : ''}
+  }
+  let ${name}Rest = 0;
+  ${addCompensated(name, `${name}Rest`, `${name}Err`)}
+  ${name}Err = ${name}Rest;`;
+
+/**
+ * Per channel, from the first pass's compensated block sums of x - hi: their total / count (the
+ * mean's offset from hi) as a float32 quotient t in the first c cells and the quotient's remainder
+ * / count in the second, so that hi + t + remainder is the mean to about 2^-33 of t. t alone is
+ * the centre of the second pass. The remainder total − t·count is formed from exact products: t
+ * cut into a head of at most 12 significant bits (by floor, which no compiler can fold away as it
+ * can Veltkamp's split) and a tail of at most 14, count given as three pieces of at most 10 bits
+ * (count1 + count2 + count3). Each step is multiplied by `one` so that no compiler reorders them.
+ */
+export const centerSource = (parts: number) => `function (p, c, count, count1, count2, count3, one) {
+  let ch = this.thread.x;
+  let row = 0;
+  if (ch >= c) { ch = ch - c; row = 1; }
+  ${combineParts('total', parts, '0', `0 - p[c * ${parts} + ch * ${parts} + q]`)}
+  const t = total / count;
+  if (row == 0) { return t; }
+  if (t == 0) { return (total + totalErr) / count; }
+  const quantum = Math.pow(2, Math.floor(Math.log2(Math.abs(t))) - 10);
+  const tHi = Math.floor(t / quantum) * quantum;
+  const tLo = (t - tHi) * one;
+  let r = (total - tHi * count1) * one;
+  r = (r - tHi * count2) * one;
+  r = (r - tLo * count1) * one;
+  r = (r - tHi * count3) * one;
+  r = (r - tLo * count2) * one;
+  r = (r - tLo * count3) * one;
+  r = (r + totalErr) * one;
+  return r / count;
 }`;
 
 /**
- * Per channel, from the second pass's sums about hi + t: three rows of c values, the mean as a
- * float32 head and tail (the head, then the tail, so that (x - head) - tail is what the separate
- * normalize kernel computes), then scale = weight / sqrt(m2 / count + eps), or 0 where m2 and eps
- * are both 0. The head and tail come from a two-sum of hi and t plus the second pass's own mean
- * offset; `one` keeps a shader compiler from folding the two-sum away.
+ * Per channel, from the second pass's sums of squares about hi + t: three rows of c values, the
+ * mean as a float32 head and tail (the head, then the tail, so that (x - head) - tail is what the
+ * separate normalize kernel computes), then scale = weight / sqrt(m2 / count + eps), or 0 where m2
+ * and eps are both 0. The head and tail are a two-sum of hi and t, plus the remainder of t; m2 is
+ * the sum of squares less count · remainder² (the centre's distance from the mean).
  */
 export const forwardCoeffsSource = (parts: number) => `function (p, hi, t, weight, c, count, eps, one) {
   let ch = this.thread.x;
   let row = 0;
   if (ch >= c) { ch = ch - c; row = 1; }
   if (ch >= c) { ch = ch - c; row = 2; }
-  ${combineParts('sq', parts, '0')}
-  ${combineParts('lin', parts, `c * ${parts}`)}
-  const drift = lin / count;
+  const rest = t[c + ch];
   if (row < 2) {
-    const a = hi[ch];
-    const b = t[ch];
-    const head = (a + b) * one;
-    const bv = (head - a) * one;
-    const av = (head - bv) * one;
-    const err = (a - av) + (b - bv);
+    let head = hi[ch];
+    let err = 0;
+    ${addCompensated('head', 'err', 't[ch]')}
     if (row == 0) { return head; }
-    return err + drift;
+    return err + rest;
   }
-  let m2 = sq - lin * drift;
+  ${combineParts('sq', parts, '0')}
+  let m2 = sq - (rest * count) * rest;
   if (m2 < 0) { m2 = 0; }
   const variance = m2 / count;
   let invstd = 0;
