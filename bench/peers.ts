@@ -546,6 +546,8 @@ async function transports(client: NormserveClient, echoStub: Client, spec: Shape
 
 interface MemoryRow {
   shape: string;
+  /** Forward in one message, ForwardStream, or the echo server's Echo for comparison. */
+  transport: 'unary' | 'stream' | 'echo';
   concurrent: number;
   tensor_mb: number;
   method: 'VmHWM after clear_refs' | 'VmRSS sampled every 2 ms';
@@ -578,34 +580,43 @@ function clearPeak(pid: number): boolean {
  * rarely hand it back), and a second burst would reuse it and look free. Before the burst, every
  * module serves one Forward of a single sample (the same code paths, worker threads started).
  */
-async function memoryPerCall(serverArgs: readonly string[], spec: ShapeSpec, k: number): Promise<MemoryRow> {
+async function memoryPerCall(serverArgs: readonly string[], spec: ShapeSpec, k: number, transport: MemoryRow['transport']): Promise<MemoryRow> {
   const x = inputInto(new Float32Array(elements(spec.shape)));
   const sampleShape = [1, ...spec.shape.slice(1)];
   const sample = x.subarray(0, elements(sampleShape));
-  let method: MemoryRow['method'] = 'VmHWM after clear_refs';
+  let how: MemoryRow['method'] = 'VmHWM after clear_refs';
   const repeats: MemoryRow['repeats'] = [];
   for (let r = 0; r < MEMORY_REPEATS; r++) {
-    const server = await startServerProcess(serverArgs);
+    const server = transport === 'echo' ? await startEchoProcess() : await startServerProcess(serverArgs);
     const pid = server.child.pid!;
     const admin = new NormserveClient(server.address);
-    const stub = new grpcObject.normserve.v1.BatchNormService(server.address, credentials.createInsecure(), clientChannelOptions());
+    const stub =
+      transport === 'echo'
+        ? new (loadEchoService())(server.address, credentials.createInsecure(), clientChannelOptions())
+        : new grpcObject.normserve.v1.BatchNormService(server.address, credentials.createInsecure(), clientChannelOptions());
+    const method = transport === 'echo' ? 'Echo' : 'Forward';
     try {
       const names = Array.from({ length: k }, (_, i) => `bench/peers/memory-${i}`);
       for (const name of names) {
-        await admin.createModule(name, { kind: spec.kind, numFeatures: spec.shape[1]! });
-        await unary(stub, 'Forward', forwardMessage(name, sampleShape, sample));
+        if (transport !== 'echo') await admin.createModule(name, { kind: spec.kind, numFeatures: spec.shape[1]! });
+        await unary(stub, method, forwardMessage(name, sampleShape, sample));
       }
       const messages = names.map((name) => forwardMessage(name, spec.shape, x));
-      const burst = () => Promise.all(messages.map((m) => unary(stub, 'Forward', m)));
+      const burst = () =>
+        Promise.all(
+          transport === 'stream'
+            ? names.map((name) => admin.forward(name, { shape: spec.shape, data: x }, { transport: 'stream' }))
+            : messages.map((m) => unary(stub, method, m)),
+        );
       await new Promise((resolve) => setTimeout(resolve, 200));
       let before: number;
       let peak: number;
-      if (method === 'VmHWM after clear_refs' && clearPeak(pid)) {
+      if (how === 'VmHWM after clear_refs' && clearPeak(pid)) {
         before = statusField(pid, 'VmRSS');
         await burst();
         peak = statusField(pid, 'VmHWM');
       } else {
-        method = 'VmRSS sampled every 2 ms';
+        how = 'VmRSS sampled every 2 ms';
         before = statusField(pid, 'VmRSS');
         peak = before;
         const sampler = setInterval(() => (peak = Math.max(peak, statusField(pid, 'VmRSS'))), 2);
@@ -621,7 +632,7 @@ async function memoryPerCall(serverArgs: readonly string[], spec: ShapeSpec, k: 
     }
   }
   const perCall = median(repeats.map((r) => ((r.peak_mb - r.rss_before_mb) * 1e6) / (k * x.byteLength)));
-  return { shape: spec.label, concurrent: k, tensor_mb: round(x.byteLength / 1e6, 3), method, repeats, per_call_tensors: round(perCall, 2) };
+  return { shape: spec.label, transport, concurrent: k, tensor_mb: round(x.byteLength / 1e6, 3), method: how, repeats, per_call_tensors: round(perCall, 2) };
 }
 
 // ---- Main ---------------------------------------------------------------------------------
@@ -705,10 +716,10 @@ async function main(): Promise<void> {
   const largest = [...SHAPES].sort((a, b) => elements(b.shape) - elements(a.shape))[0]!;
   log(`memory: ${largest.label}, ${MEMORY_REPEATS} fresh server(s) per row`);
   const memoryRows: MemoryRow[] = [];
-  for (const k of want('memory') ? MEMORY_CONCURRENCY : []) {
-    const row = await memoryPerCall(serverArgs, largest, k);
+  for (const [k, transport] of want('memory') ? MEMORY_CONCURRENCY.flatMap((n) => (['unary', 'stream', 'echo'] as const).map((t) => [n, t] as const)) : []) {
+    const row = await memoryPerCall(serverArgs, largest, k, transport);
     memoryRows.push(row);
-    log(`  ${k} in flight: ${row.per_call_tensors} tensors per call (${row.method}; ${row.repeats.map((r) => `${r.rss_before_mb} -> ${r.peak_mb} MB`).join(', ')})`);
+    log(`  ${transport}, ${k} in flight: ${row.per_call_tensors} tensors per call (${row.method}; ${row.repeats.map((r) => `${r.rss_before_mb} -> ${r.peak_mb} MB`).join(', ')})`);
   }
 
   // Tables.
@@ -768,12 +779,13 @@ async function main(): Promise<void> {
   lines.push('', `## Server memory per in-flight Forward, ${memoryRows[0]?.shape ?? ''} (fresh server per repeat, median of ${MEMORY_REPEATS})`, '');
   lines.push(
     table(
-      ['in flight', 'tensor MB', 'RSS before MB', 'peak MB', 'per call MB', 'per call ÷ tensor', 'method'],
+      ['call', 'in flight', 'tensor MB', 'RSS before MB', 'peak MB', 'per call MB', 'per call ÷ tensor', 'method'],
       memoryRows.map((r) => {
         const growth = (x: { rss_before_mb: number; peak_mb: number }) => x.peak_mb - x.rss_before_mb;
         const mid = [...r.repeats].sort((a, b) => growth(a) - growth(b))[r.repeats.length >> 1]!;
         const perCallMb = (r.per_call_tensors * r.tensor_mb).toFixed(1);
-        return [String(r.concurrent), r.tensor_mb.toFixed(2), mid.rss_before_mb.toFixed(1), mid.peak_mb.toFixed(1), perCallMb, r.per_call_tensors.toFixed(2), r.method];
+        const call = { unary: 'Forward', stream: 'ForwardStream', echo: 'echo (Echo)' }[r.transport];
+        return [call, String(r.concurrent), r.tensor_mb.toFixed(2), mid.rss_before_mb.toFixed(1), mid.peak_mb.toFixed(1), perCallMb, r.per_call_tensors.toFixed(2), r.method];
       }),
     ),
   );
