@@ -1,6 +1,6 @@
 /**
  * `npm run loadtest`: many concurrent clients against one server on loopback, bounded in time and
- * count. Each scenario starts a fresh server (child process, webasm kernels, strict durability
+ * count. Each scenario starts a fresh server (child process, the native backend, strict durability
  * unless --durability relaxed),
  * then runs two kinds of workers at once:
  *   - model workers, each on its own module: training forward with save_for_backward, backward,
@@ -40,7 +40,7 @@ const quantile = (sorted: number[], q: number) => (sorted.length === 0 ? 0 : sor
 
 async function startServer() {
   // The per-call log goes to a pipe that is read and dropped: its cost is part of the load.
-  const { child, address } = await startServerProcess(['--backend', 'webasm', '--durability', values.durability!]);
+  const { child, address } = await startServerProcess(['--backend', 'native', '--durability', values.durability!]);
   return { server: child, address };
 }
 

@@ -23,6 +23,6 @@ bash scripts/setup-lavapipe.sh .cache/lavapipe >/dev/null
 . .cache/lavapipe/env.sh
 
 # Every backend must start here: a missing one fails the suite instead of being left out.
-export NORMSERVE_REQUIRE_BACKENDS=webgpu,headlessgl,webasm,cpu,reference
+export NORMSERVE_REQUIRE_BACKENDS=webgpu,headlessgl,native,webasm,cpu,reference
 log "npm test under Xvfb"
 xvfb-run -a -s "-screen 0 1280x1024x24 -nolisten tcp" npm test

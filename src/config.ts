@@ -70,7 +70,7 @@ export const SETTINGS = {
     env: 'NORMSERVE_BACKEND',
     default: 'auto' as BackendChoice,
     schema: z.enum(BACKEND_CHOICES),
-    description: `Compute backend: ${BACKEND_CHOICES.join(', ')}. auto takes a hardware GPU (webgpu, then headlessgl) and otherwise webasm, then cpu.`,
+    description: `Compute backend: ${BACKEND_CHOICES.join(', ')}. auto takes a hardware GPU (webgpu, then headlessgl) and otherwise native, then webasm, then cpu (docs/backends.md).`,
   },
   logLevel: {
     flag: 'log-level',
