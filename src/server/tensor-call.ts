@@ -12,7 +12,7 @@ import type { ServerDuplexStream } from '@grpc/grpc-js';
 import { bnError } from '../errors.js';
 import type { Tensor } from '../generated/normserve/v1/Tensor.js';
 import type { Tensor__Output } from '../generated/normserve/v1/Tensor.js';
-import { decodeTensor, decodeTensorHeader, encodeTensor, type DecodedTensor, type TensorHeader } from '../wire/tensor-codec.js';
+import { copyBytes, decodeTensor, decodeTensorHeader, encodeTensor, type DecodedTensor, type TensorHeader } from '../wire/tensor-codec.js';
 import type { Principal } from './auth.js';
 import type { Ref, RegionRegistry } from './shared-memory.js';
 import { toServiceError } from './status.js';
@@ -241,7 +241,7 @@ export function streamTensorHandler<Req, Res>(ctx: TensorCallContext, requiremen
         if (received + chunk.length > bytes.length) {
           throw streamLength(op.inputField, `more than the ${bytes.length} bytes its shape [${header!.shape.join(', ')}] needs`, req, op);
         }
-        bytes.set(chunk, received);
+        copyBytes(chunk, bytes.subarray(received, received + chunk.length));
         received += chunk.length;
       } catch (err) {
         finish(err);
@@ -261,8 +261,19 @@ export function streamTensorHandler<Req, Res>(ctx: TensorCallContext, requiremen
         await write(call, { head });
         const out = answer.tensor;
         const outBytes = Buffer.from(out.buffer, out.byteOffset, out.byteLength);
+        const shared = out.buffer instanceof SharedArrayBuffer;
         for (let at = 0; at < outBytes.length && !finished; at += ctx.streamChunkBytes) {
-          await write(call, { chunk: outBytes.subarray(at, Math.min(outBytes.length, at + ctx.streamChunkBytes)) });
+          const view = outBytes.subarray(at, Math.min(outBytes.length, at + ctx.streamChunkBytes));
+          if (!shared) {
+            await write(call, { chunk: view });
+            continue;
+          }
+          // Out of shared memory, an aligned copy into a pooled plain buffer first (protobufjs's own
+          // copy would go byte by byte, and fresh memory costs a page fault per 4 KiB); the buffer
+          // comes back once the message has been written.
+          const chunk = CHUNKS.take(view.length);
+          chunk.set(view);
+          await write(call, { chunk }, () => CHUNKS.give(chunk));
         }
         if (finished) return;
         finished = true;
@@ -273,10 +284,36 @@ export function streamTensorHandler<Req, Res>(ctx: TensorCallContext, requiremen
   };
 }
 
-/** Writes one message, waiting for the stream to drain when its buffer is full. */
-function write<T>(call: ServerDuplexStream<unknown, T>, message: T): Promise<void> {
+/** Plain buffers for answer chunks, by size, shared by all streams (64 MiB at most kept). */
+class ChunkPool {
+  readonly #free = new Map<number, Buffer[]>();
+  #bytes = 0;
+  constructor(readonly limit: number) {}
+
+  take(size: number): Buffer {
+    const reused = this.#free.get(size)?.pop();
+    if (reused) this.#bytes -= size;
+    return reused ?? Buffer.allocUnsafeSlow(size);
+  }
+
+  give(chunk: Buffer): void {
+    if (this.#bytes + chunk.length > this.limit) return;
+    let list = this.#free.get(chunk.length);
+    if (!list) this.#free.set(chunk.length, (list = []));
+    list.push(chunk);
+    this.#bytes += chunk.length;
+  }
+}
+
+const CHUNKS = new ChunkPool(64 * 1024 * 1024);
+
+/**
+ * Writes one message, waiting for the stream to drain when its buffer is full; `done` runs once
+ * grpc-js has serialised and written it.
+ */
+function write<T>(call: ServerDuplexStream<unknown, T>, message: T, done?: () => void): Promise<void> {
   return new Promise((resolve) => {
-    if (call.write(message)) resolve();
+    if (call.write(message, done)) resolve();
     else call.once('drain', resolve);
   });
 }
