@@ -7,11 +7,12 @@ import { mkdirSync, mkdtempSync, symlinkSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
-import { NormserveClient, type NormserveClientError } from '../../src/client/client.js';
+import { NormserveClient } from '../../src/client/client.js';
 import { SharedMemoryFile } from '../../src/client/shared-memory.js';
 import type { Config } from '../../src/config.js';
 import { Status } from '../../src/errors.js';
 import { channelData } from '../support/data.js';
+import { rejection } from '../support/rejection.js';
 import { startTestServer, type TestServer } from '../support/server.js';
 
 const servers: TestServer[] = [];
@@ -32,15 +33,6 @@ afterEach(async () => {
   for (const f of files.splice(0)) f.close();
   await Promise.all(servers.splice(0).map((s) => s.stop()));
 });
-
-async function rejection(p: Promise<unknown>): Promise<NormserveClientError> {
-  try {
-    await p;
-  } catch (err) {
-    return err as NormserveClientError;
-  }
-  throw new Error('expected the call to fail');
-}
 
 const SHAPE = [4, 8, 32, 32];
 const BYTES = 4 * 8 * 32 * 32 * 4;
@@ -111,7 +103,7 @@ describe('shared-memory regions', () => {
     writeFileSync(outside, Buffer.alloc(1024));
     symlinkSync(outside, join(dir, 'link'));
     writeFileSync(join(dir, 'ok'), Buffer.alloc(1024));
-    const cases: [string, string, number, number, Status, RegExp][] = [
+    const cases: [string, string, number, number, number, RegExp][] = [
       ['a file outside', outside, 0, 16, Status.INVALID_ARGUMENT, /outside the shared-memory directory/],
       ['a link to outside', join(dir, 'link'), 0, 16, Status.INVALID_ARGUMENT, /outside the shared-memory directory/],
       ['../ out of it', join(dir, 'sub', '..', '..', 'x'), 0, 16, Status.INVALID_ARGUMENT, /ENOENT|outside/],

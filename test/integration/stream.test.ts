@@ -4,12 +4,13 @@
  */
 import { credentials, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js';
 import { afterEach, describe, expect, it } from 'vitest';
-import { NormserveClient, type NormserveClientError } from '../../src/client/client.js';
+import { NormserveClient } from '../../src/client/client.js';
 import type { Config } from '../../src/config.js';
 import { Status } from '../../src/errors.js';
 import { grpcObject } from '../../src/wire/proto.js';
 import { clientChannelOptions } from '../../src/wire/transport.js';
 import { channelData } from '../support/data.js';
+import { rejection } from '../support/rejection.js';
 import { startTestServer, type TestServer } from '../support/server.js';
 
 const servers: TestServer[] = [];
@@ -31,15 +32,6 @@ afterEach(async () => {
 // 4 x 8 x 96 x 96 float32: 1.18 MB, four times the 256 KiB message limit below.
 const SHAPE = [4, 8, 96, 96];
 const input = (seed = 1) => ({ shape: SHAPE, data: channelData(4, 8, 96 * 96, 5, 2, seed) });
-
-async function rejection(p: Promise<unknown>): Promise<NormserveClientError> {
-  try {
-    await p;
-  } catch (err) {
-    return err as NormserveClientError;
-  }
-  throw new Error('expected the call to fail');
-}
 
 describe('streamed tensor calls', () => {
   it('carry a tensor larger than one message, with the results of the unary calls', async () => {

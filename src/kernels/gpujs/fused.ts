@@ -244,18 +244,7 @@ export class GpuJsFused implements FusedKernels {
       const coeffs = flatten(kk!, 2 * c);
       const gradInput = flatten(out!, n * c * s);
 
-      const sumDy = new Float64Array(c);
-      const sumDyXmu = new Float64Array(c);
-      for (let ch = 0; ch < c; ch++) {
-        let s1 = 0;
-        let s2 = 0;
-        for (let p = ch * parts; p < (ch + 1) * parts; p++) {
-          s1 += sums[p]!;
-          s2 += sums[cells + p]!;
-        }
-        sumDy[ch] = s1;
-        sumDyXmu[ch] = s2;
-      }
+      const { sumDy, sumDyXmu } = combineGradSums(sums, c, parts);
       // The coefficients as backward() in batch-norm.ts derives them, against the in-pipeline ones.
       for (let ch = 0; ch < c; ch++) {
         const iv = params.invstd[ch]!;
@@ -546,4 +535,22 @@ export function flatten(out: Output, length: number): Float32Array {
     offset += row.length;
   }
   return flat;
+}
+
+/** Backward's per-block sums ([Σdy blocks, Σdy·(x−μ) blocks], `parts` per channel) added up in float64. */
+export function combineGradSums(blocks: Float32Array, c: number, parts: number): GradSums {
+  const cells = c * parts;
+  const sumDy = new Float64Array(c);
+  const sumDyXmu = new Float64Array(c);
+  for (let ch = 0; ch < c; ch++) {
+    let s1 = 0;
+    let s2 = 0;
+    for (let p = ch * parts; p < (ch + 1) * parts; p++) {
+      s1 += blocks[p]!;
+      s2 += blocks[cells + p]!;
+    }
+    sumDy[ch] = s1;
+    sumDyXmu[ch] = s2;
+  }
+  return { sumDy, sumDyXmu };
 }

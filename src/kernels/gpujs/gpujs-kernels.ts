@@ -7,7 +7,7 @@ import gpujs from 'gpu.js';
 import type { IKernelRunShortcut } from 'gpu.js';
 import type { ChannelStats, GradInputParams, GradSums, Kernels, Layout, NormalizeParams } from '../kernels.js';
 import { acquireWebGPU, releaseWebGPU } from './environment.js';
-import { coarse, flatten, GpuJsFused, split, type FusedOptions, type PipelineCounters } from './fused.js';
+import { coarse, combineGradSums, flatten, GpuJsFused, split, type FusedOptions, type PipelineCounters } from './fused.js';
 import { BLOCK, GRAD_INPUT, GRAD_SUMS, NORMALIZE, PARTIAL_SUMS, PLANE_KERNEL_MIN_S } from './sources.js';
 
 const { GPU } = gpujs;
@@ -144,19 +144,7 @@ export class GpuJsKernels implements Kernels {
     const cells = c * parts;
     const [hi, lo] = split(mean);
     const out = flatten(await this.#run(this.#gradSums, [2 * cells], [x, dy, c, s, count, parts, block, hi, lo, 1]), 2 * cells);
-    const sumDy = new Float64Array(c);
-    const sumDyXmu = new Float64Array(c);
-    for (let ch = 0; ch < c; ch++) {
-      let s1 = 0;
-      let s2 = 0;
-      for (let p = ch * parts; p < (ch + 1) * parts; p++) {
-        s1 += out[p]!;
-        s2 += out[cells + p]!;
-      }
-      sumDy[ch] = s1;
-      sumDyXmu[ch] = s2;
-    }
-    return { sumDy, sumDyXmu };
+    return combineGradSums(out, c, parts);
   }
 
   async gradInput(x: Float32Array, dy: Float32Array, layout: Layout, p: GradInputParams): Promise<Float32Array> {
