@@ -16,7 +16,18 @@
  */
 export function statsUnits(x: Float32Array, c: number, s: number, u0: number, u1: number, k: Float64Array, acc: Float64Array): void {
   if (s === 1) {
-    for (let b = u0; b < u1; b++) {
+    // Four samples at a time: one read-modify-write of the sums per four values.
+    let b = u0;
+    for (; b + 3 < u1; b += 4) {
+      const r0 = b * c, r1 = r0 + c, r2 = r1 + c, r3 = r2 + c;
+      for (let ch = 0; ch < c; ch++) {
+        const shift = k[ch]!;
+        const d0 = x[r0 + ch]! - shift, d1 = x[r1 + ch]! - shift, d2 = x[r2 + ch]! - shift, d3 = x[r3 + ch]! - shift;
+        acc[ch] = acc[ch]! + (d0 + d1 + (d2 + d3));
+        acc[c + ch] = acc[c + ch]! + (d0 * d0 + d1 * d1 + (d2 * d2 + d3 * d3));
+      }
+    }
+    for (; b < u1; b++) {
       const base = b * c;
       for (let ch = 0; ch < c; ch++) {
         const d = x[base + ch]! - k[ch]!;
@@ -55,7 +66,16 @@ export function normalizeUnits(
   mean: Float64Array, scale: Float64Array, shift: Float64Array,
 ): void {
   if (s === 1) {
-    for (let b = u0; b < u1; b++) {
+    let b = u0;
+    for (; b + 1 < u1; b += 2) {
+      const r0 = b * c, r1 = r0 + c;
+      for (let ch = 0; ch < c; ch++) {
+        const mu = mean[ch]!, sc = scale[ch]!, sh = shift[ch]!;
+        y[r0 + ch] = (x[r0 + ch]! - mu) * sc + sh;
+        y[r1 + ch] = (x[r1 + ch]! - mu) * sc + sh;
+      }
+    }
+    for (; b < u1; b++) {
       const base = b * c;
       for (let ch = 0; ch < c; ch++) y[base + ch] = (x[base + ch]! - mean[ch]!) * scale[ch]! + shift[ch]!;
     }
@@ -82,7 +102,17 @@ export function gradSumsUnits(
   x: Float32Array, dy: Float32Array, c: number, s: number, u0: number, u1: number, mean: Float64Array, acc: Float64Array,
 ): void {
   if (s === 1) {
-    for (let b = u0; b < u1; b++) {
+    let b = u0;
+    for (; b + 3 < u1; b += 4) {
+      const r0 = b * c, r1 = r0 + c, r2 = r1 + c, r3 = r2 + c;
+      for (let ch = 0; ch < c; ch++) {
+        const mu = mean[ch]!;
+        const g0 = dy[r0 + ch]!, g1 = dy[r1 + ch]!, g2 = dy[r2 + ch]!, g3 = dy[r3 + ch]!;
+        acc[ch] = acc[ch]! + (g0 + g1 + (g2 + g3));
+        acc[c + ch] = acc[c + ch]! + (g0 * (x[r0 + ch]! - mu) + g1 * (x[r1 + ch]! - mu) + (g2 * (x[r2 + ch]! - mu) + g3 * (x[r3 + ch]! - mu)));
+      }
+    }
+    for (; b < u1; b++) {
       const base = b * c;
       for (let ch = 0; ch < c; ch++) {
         const g = dy[base + ch]!;
@@ -120,7 +150,17 @@ export function gradInputUnits(
   mean: Float64Array, a: Float64Array, b: Float64Array, k: Float64Array,
 ): void {
   if (s === 1) {
-    for (let n = u0; n < u1; n++) {
+    // Two samples at a time: each channel's four coefficients are read once per two values.
+    let n = u0;
+    for (; n + 1 < u1; n += 2) {
+      const r0 = n * c, r1 = r0 + c;
+      for (let ch = 0; ch < c; ch++) {
+        const mu = mean[ch]!, aa = a[ch]!, bb = b[ch]!, kk = k[ch]!;
+        gi[r0 + ch] = dy[r0 + ch]! * aa + (x[r0 + ch]! - mu) * bb + kk;
+        gi[r1 + ch] = dy[r1 + ch]! * aa + (x[r1 + ch]! - mu) * bb + kk;
+      }
+    }
+    for (; n < u1; n++) {
       const base = n * c;
       for (let ch = 0; ch < c; ch++) gi[base + ch] = dy[base + ch]! * a[ch]! + (x[base + ch]! - mean[ch]!) * b[ch]! + k[ch]!;
     }
