@@ -6,7 +6,8 @@
  * registered file: one copy from the page cache into the backend's memory and one back, made on
  * libuv's thread pool, off the event loop.
  */
-import { open, realpath, stat, type FileHandle } from 'node:fs/promises';
+import { constants } from 'node:fs';
+import { open, realpath, type FileHandle } from 'node:fs/promises';
 import { isAbsolute, relative, sep } from 'node:path';
 import { bnError } from '../errors.js';
 
@@ -66,12 +67,22 @@ export class RegionRegistry {
     if (rel === '' || rel.startsWith('..') || isAbsolute(rel) || rel.split(sep).includes('..')) {
       throw bnError('BN_ERR_REGION_PATH', { path, detail: 'it is outside the shared-memory directory', dir: this.#dir });
     }
-    const info = await stat(real);
-    if (!info.isFile()) throw bnError('BN_ERR_REGION_PATH', { path, detail: 'it is not a regular file', dir: this.#dir });
-    if (offset + byteSize > info.size) {
-      throw bnError('BN_ERR_REGION_BOUNDS', { detail: `offset ${offset} + byte_size ${byteSize} is past the end of the ${info.size}-byte file` });
+    // O_NOFOLLOW, and the checks on the open handle: a link swapped in after realpath is refused.
+    let file: FileHandle;
+    try {
+      file = await open(real, constants.O_RDWR | constants.O_NOFOLLOW);
+    } catch (err) {
+      throw bnError('BN_ERR_REGION_PATH', { path, detail: (err as NodeJS.ErrnoException).code ?? (err as Error).message, dir: this.#dir });
     }
-    const file = await open(real, 'r+');
+    const info = await file.stat();
+    const refuse = async (err: Error) => {
+      await file.close();
+      return err;
+    };
+    if (!info.isFile()) throw await refuse(bnError('BN_ERR_REGION_PATH', { path, detail: 'it is not a regular file', dir: this.#dir }));
+    if (offset + byteSize > info.size) {
+      throw await refuse(bnError('BN_ERR_REGION_BOUNDS', { detail: `offset ${offset} + byte_size ${byteSize} is past the end of the ${info.size}-byte file` }));
+    }
     if (this.#regions.has(name)) {
       // Registered meanwhile by a concurrent call.
       await file.close();
