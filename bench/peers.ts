@@ -78,7 +78,7 @@ const WORK_TITLES: Readonly<Record<Work, string>> = {
 };
 
 const { values: args } = parseArgs({
-  options: { quick: { type: 'boolean', default: false }, shapes: { type: 'string' }, only: { type: 'string' }, backend: { type: 'string' } },
+  options: { quick: { type: 'boolean', default: false }, shapes: { type: 'string' }, only: { type: 'string' }, backend: { type: 'string' }, durability: { type: 'string' } },
   strict: true,
 });
 const QUICK = args.quick === true;
@@ -682,7 +682,7 @@ async function main(): Promise<void> {
   const serverBackend = typeof args.backend === 'string' ? args.backend : ([...backends].sort((a, b) => total(a) - total(b))[0] ?? 'auto');
   // Shared memory under /dev/shm where the machine has it (a tmpfs), else the temporary directory.
   const shmDir = existsSync('/dev/shm') ? '/dev/shm' : tmpdir();
-  const serverArgs = ['--backend', serverBackend, '--shm-dir', shmDir];
+  const serverArgs = ['--backend', serverBackend, '--shm-dir', shmDir, ...(typeof args.durability === 'string' ? ['--durability', args.durability] : [])];
   const transportRows: TransportRow[] = [];
   log(`end to end: normserve ${serverArgs.join(' ')} and the echo server`);
   const server = await startServerProcess(serverArgs);
@@ -751,7 +751,7 @@ async function main(): Promise<void> {
       [...backends, 'onnxruntime'].flatMap((runner) => WORKS.map((work) => [runner, work, ...labels.map((l) => (cell(runner, work, l) ? ms(cell(runner, work, l)!.first_call_ms) : '—'))])),
     ),
   );
-  lines.push('', `## End to end: Forward (normserve --backend ${serverBackend}, training mode) vs echo, same transport, interleaved`, '');
+  lines.push('', `## End to end: Forward (normserve ${serverArgs.join(' ')}, training mode) vs echo, same transport, interleaved`, '');
   lines.push(
     table(
       ['shape', 'tensor MB', 'Forward ms', 'echo ms', 'Forward ÷ echo', 'first Forward ms', 'first echo ms', 'pairs'],
