@@ -535,6 +535,13 @@ export async function backward(
   const channels = layout.c;
   const w = saved.weight;
   const parameterGrads = (values: Float64Array) => (w === null ? null : Float32Array.from(values));
+  // grad_weight = S2 · invstd and grad_bias = S1, from this shard's own sums.
+  const answer = (gradInput: Float32Array, local: GradSums) => ({
+    gradInput,
+    gradWeight: parameterGrads(local.sumDyXmu.map((v, ch) => v * saved.invstd[ch]!)),
+    gradBias: parameterGrads(local.sumDy),
+    local,
+  });
   if (saved.x.length === 0) {
     const zeros = new Float64Array(channels);
     return { gradInput: new Float32Array(0), gradWeight: parameterGrads(zeros), gradBias: parameterGrads(zeros), local: { sumDy: zeros, sumDyXmu: zeros } };
@@ -542,13 +549,7 @@ export async function backward(
   if (kernels.fused && !sums.local && !sums.group) {
     const weight = w ? Float64Array.from(w) : new Float64Array(channels).fill(1);
     const fused = await kernels.fused.backward(saved.x, dy, layout, { mean: saved.mean, invstd: saved.invstd, weight, batchStats: saved.batchStats, count: saved.count });
-    const local = fused.sums;
-    return {
-      gradInput: fused.gradInput,
-      gradWeight: parameterGrads(local.sumDyXmu.map((v, ch) => v * saved.invstd[ch]!)),
-      gradBias: parameterGrads(local.sumDy),
-      local,
-    };
+    return answer(fused.gradInput, fused.sums);
   }
   const local = sums.local ?? (await localGradSums(saved, dy, kernels));
   const group = sums.group;
@@ -566,11 +567,5 @@ export async function backward(
       k[ch] = (-a[ch]! * s1[ch]!) / n;
     }
   }
-  const gradInput = await kernels.gradInput(saved.x, dy, layout, { mean: saved.mean, a, b, k });
-  return {
-    gradInput,
-    gradWeight: parameterGrads(local.sumDyXmu.map((v, ch) => v * saved.invstd[ch]!)),
-    gradBias: parameterGrads(local.sumDy),
-    local,
-  };
+  return answer(await kernels.gradInput(saved.x, dy, layout, { mean: saved.mean, a, b, k }), local);
 }

@@ -1,17 +1,22 @@
 /**
- * Calls that carry one tensor in and one out (Forward, Backward and their sync twins), in two
+ * Calls that carry one tensor in and one out (Forward, Backward and their sync twins), in three
  * shapes over one implementation (a TensorOp):
  *
  * - unary: the tensor inside the request message, decoded with one copy into the backend's memory;
  * - streamed: a head message with the tensor's shape and dtype, then its bytes in chunks of any
- *   size, copied straight to their place; the answer goes back as a head and then chunks that are
- *   views of the output. Streams hold at most `streamBudgetBytes` of tensors between them, so a
- *   tensor may be larger than a message but memory stays bounded by configuration.
+ *   size, copied straight to their place; the answer goes back as a head and then chunks. Streams
+ *   hold at most `streamBudgetBytes` of tensors between them, so a tensor may be larger than a
+ *   message while memory stays bounded by configuration;
+ * - through shared memory: a unary call whose request names registered regions for the tensor
+ *   and the answer (shared-memory.ts).
+ *
+ * Answers that live in shared memory leave through pooled plain buffers: V8 copies out of shared
+ * memory byte by byte when the target's alignment differs, and protobufjs's copy into a message
+ * would be such a copy.
  */
 import type { ServerDuplexStream } from '@grpc/grpc-js';
 import { bnError } from '../errors.js';
-import type { Tensor } from '../generated/normserve/v1/Tensor.js';
-import type { Tensor__Output } from '../generated/normserve/v1/Tensor.js';
+import type { Tensor, Tensor__Output } from '../generated/normserve/v1/Tensor.js';
 import { copyBytes, decodeTensor, decodeTensorHeader, encodeTensor, type DecodedTensor, type TensorHeader } from '../wire/tensor-codec.js';
 import type { Principal } from './auth.js';
 import type { Ref, RegionRegistry } from './shared-memory.js';
