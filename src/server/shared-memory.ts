@@ -22,6 +22,9 @@ interface OpenRegion extends RegionInfo {
   readonly file: FileHandle;
   /** The principal that registered it: the only one that may use it. */
   readonly owner: string;
+  /** Reads and writes in progress; an unregistered region's file closes after the last. */
+  users: number;
+  unregistered: boolean;
 }
 
 export interface Ref {
@@ -88,15 +91,17 @@ export class RegionRegistry {
       await file.close();
       throw bnError('BN_ERR_REGION_EXISTS', { name });
     }
-    const region = { name, path: real, offset, byteSize, file, owner };
+    const region: OpenRegion = { name, path: real, offset, byteSize, file, owner, users: 0, unregistered: false };
     this.#regions.set(name, region);
     return strip(region);
   }
 
+  /** Forgets the region at once; its file closes when the calls using it now have finished. */
   async unregister(owner: string, name: string): Promise<void> {
     const region = this.#get(owner, name);
     this.#regions.delete(name);
-    await region.file.close();
+    region.unregistered = true;
+    if (region.users === 0) await region.file.close();
   }
 
   list(owner: string): RegionInfo[] {
@@ -111,28 +116,43 @@ export class RegionRegistry {
   /** Reads `target.byteLength` bytes at the reference into `target`. */
   async read(owner: string, ref: Ref, target: Uint8Array, field: string): Promise<void> {
     const { region, at } = this.#locate(owner, ref, target.byteLength, field);
-    let done = 0;
-    while (done < target.byteLength) {
-      const { bytesRead } = await region.file.read(target, done, target.byteLength - done, at + done);
-      if (bytesRead === 0) throw bnError('BN_ERR_REGION_BOUNDS', { detail: `region '${region.name}' ends early: its file was truncated` });
-      done += bytesRead;
-    }
+    await this.#using(region, async () => {
+      let done = 0;
+      while (done < target.byteLength) {
+        const { bytesRead } = await region.file.read(target, done, target.byteLength - done, at + done);
+        if (bytesRead === 0) throw bnError('BN_ERR_REGION_BOUNDS', { detail: `region '${region.name}' ends early: its file was truncated` });
+        done += bytesRead;
+      }
+    });
   }
 
   /** Writes `source` at the reference. */
   async write(owner: string, ref: Ref, source: Uint8Array, field: string): Promise<void> {
     const { region, at } = this.#locate(owner, ref, source.byteLength, field);
-    let done = 0;
-    while (done < source.byteLength) {
-      const { bytesWritten } = await region.file.write(source, done, source.byteLength - done, at + done);
-      done += bytesWritten;
+    await this.#using(region, async () => {
+      let done = 0;
+      while (done < source.byteLength) {
+        const { bytesWritten } = await region.file.write(source, done, source.byteLength - done, at + done);
+        done += bytesWritten;
+      }
+    });
+  }
+
+  async #using(region: OpenRegion, io: () => Promise<void>): Promise<void> {
+    region.users++;
+    try {
+      await io();
+    } finally {
+      region.users--;
+      if (region.unregistered && region.users === 0) await region.file.close().catch(() => undefined);
     }
   }
 
   async close(): Promise<void> {
     const all = [...this.#regions.values()];
     this.#regions.clear();
-    await Promise.all(all.map((r) => r.file.close().catch(() => undefined)));
+    for (const r of all) r.unregistered = true;
+    await Promise.all(all.filter((r) => r.users === 0).map((r) => r.file.close().catch(() => undefined)));
   }
 
   #get(owner: string, name: string): OpenRegion {
