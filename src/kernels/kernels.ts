@@ -108,6 +108,8 @@ export interface Kernels {
   allocate?(length: number): Float32Array;
   /** Gives back an array from `allocate` that nothing will read again, for reuse. */
   release?(tensor: Float32Array): void;
+  /** Bytes of released arrays held for reuse. */
+  readonly pooledBytes?: number;
   /** Releases compiled kernels and device resources. */
   dispose(): Promise<void>;
 }

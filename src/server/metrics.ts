@@ -1,7 +1,8 @@
 /**
  * Prometheus metrics (prom-client) on their own HTTP port: calls by method and status, latency,
  * tensor bytes in and out, kernel time by backend, modules, pending group steps and waiting
- * calls, saved-context bytes, store write latency, and Node's process metrics. Each server has its
+ * calls, saved-context bytes, stream reservations, pooled tensors, shared-memory regions, store
+ * write latency, and Node's process metrics. Each server has its
  * own registry, so that several servers in one process (tests) do not share counters.
  */
 import { createServer, type Server } from 'node:http';
@@ -12,6 +13,11 @@ export interface MetricSources {
   readonly modules: () => number;
   readonly pending: () => { steps: number; waiters: number };
   readonly contexts: () => { count: number; bytes: number };
+  /** Bytes streamed calls have reserved against --stream-budget-bytes. */
+  readonly streamBytes: () => number;
+  /** Released tensors and answer copies kept for reuse. */
+  readonly pooledBytes: () => number;
+  readonly regions: () => number;
 }
 
 const LATENCY_BUCKETS = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60];
@@ -63,6 +69,9 @@ export class Metrics {
     gauge('normserve_sync_waiting_calls', 'Calls waiting in group steps', () => sources.pending().waiters);
     gauge('normserve_saved_contexts', 'Saved forwards waiting for their backward', () => sources.contexts().count);
     gauge('normserve_saved_context_bytes', 'Bytes held by saved forwards', () => sources.contexts().bytes);
+    gauge('normserve_stream_reserved_bytes', 'Bytes streamed calls in flight have reserved against the stream budget', sources.streamBytes);
+    gauge('normserve_pooled_tensor_bytes', 'Bytes of released tensors and answer copies kept for reuse', sources.pooledBytes);
+    gauge('normserve_shm_regions', 'Shared-memory regions registered', sources.regions);
     collectDefaultMetrics({ register: this.registry });
   }
 

@@ -82,10 +82,16 @@ export async function startServer(
   let registry: ModuleRegistry;
   let coordinator: Coordinator;
   let contexts: ContextStore;
+  const regions = new RegionRegistry(config.shmDir);
+  const plain = new PlainCopies();
+  const streams = new StreamBudget(config.streamBudgetBytes);
   const metrics = new Metrics({
     modules: () => registry.size,
     pending: () => coordinator.pending(),
     contexts: () => ({ count: contexts.size, bytes: contexts.bytes }),
+    streamBytes: () => streams.used,
+    pooledBytes: () => (deps.kernels.pooledBytes ?? 0) + plain.bytes,
+    regions: () => regions.size,
   });
   const kernels = metrics.timed(deps.kernels);
   const server = createGrpcServer({
@@ -112,8 +118,6 @@ export async function startServer(
   coordinator.restore(stored.steps);
   logger.info({ store: store.location, durability: config.durability, modules: stored.modules.length, steps: stored.steps.length }, 'state restored');
   let draining = false;
-  const regions = new RegionRegistry(config.shmDir);
-  const plain = new PlainCopies();
   const auth = config.authTokensFile ? Authenticator.fromFile(config.authTokensFile) : Authenticator.disabled();
   const serviceDeps = {
     auth,
@@ -127,7 +131,7 @@ export async function startServer(
       if (t.buffer instanceof SharedArrayBuffer) kernels.release?.(t);
       else plain.give(t);
     },
-    streams: new StreamBudget(config.streamBudgetBytes),
+    streams,
     plain,
     regions,
     // A chunk must fit a message, with room for the field's tag and length.

@@ -45,6 +45,10 @@ export class RegionRegistry {
     this.#max = maxRegions;
   }
 
+  get size(): number {
+    return this.#regions.size;
+  }
+
   get enabled(): boolean {
     return this.#dir !== '';
   }

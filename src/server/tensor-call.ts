@@ -79,6 +79,11 @@ export class PlainCopies {
     return out;
   }
 
+  /** Bytes kept for reuse now. */
+  get bytes(): number {
+    return this.#bytes;
+  }
+
   give(t: Float32Array): void {
     if (!this.#out.has(t)) return;
     this.#out.delete(t);

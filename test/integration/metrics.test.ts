@@ -1,7 +1,11 @@
 /** The Prometheus endpoint and request ids, through a real server. */
 import { credentials, Metadata, type ServiceError } from '@grpc/grpc-js';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { NormserveClient } from '../../src/client/client.js';
+import { SharedMemoryFile } from '../../src/client/shared-memory.js';
 import type { BatchNormServiceClient } from '../../src/generated/normserve/v1/BatchNormService.js';
 import { grpcObject } from '../../src/wire/proto.js';
 import { channelData } from '../support/data.js';
@@ -37,6 +41,30 @@ function value(text: string, sample: string): number | undefined {
 }
 
 describe('metrics', () => {
+  it('show stream reservations back at zero after a stream, tensors pooled for reuse, and registered regions', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'normserve-metrics-shm-'));
+    const other = await startTestServer({ shmDir: dir });
+    const c = new NormserveClient(other.address);
+    try {
+      await c.createModule('big', { kind: 'BATCH_NORM_2D', numFeatures: 8 });
+      // 131072 values: over the native backend's threshold, so its tensors are pooled.
+      const x = { shape: [4, 8, 64, 64], data: channelData(4, 8, 4096, 0, 1, 3) };
+      await c.forward('big', x, { transport: 'stream' });
+      await c.forward('big', x, { transport: 'unary' });
+      const file = SharedMemoryFile.create(join(dir, 'r'), 64);
+      await c.registerRegion('r', file.path, 64);
+      const res = await fetch(`http://127.0.0.1:${other.running.metricsPort}/metrics`);
+      const text = await res.text();
+      expect(value(text, 'normserve_stream_reserved_bytes')).toBe(0);
+      expect(value(text, 'normserve_pooled_tensor_bytes')).toBeGreaterThanOrEqual(x.data.byteLength);
+      expect(value(text, 'normserve_shm_regions')).toBe(1);
+      file.close();
+    } finally {
+      c.close();
+      await other.stop();
+    }
+  });
+
   it('count calls by method and status, with latency, bytes, kernel time, modules, contexts and store writes', async () => {
     await client.createModule('m', { kind: 'BATCH_NORM_2D', numFeatures: 3 });
     const f = await client.forward('m', { shape: [2, 3, 2, 2], data: channelData(2, 3, 4, 0, 1) }, { saveForBackward: true });
