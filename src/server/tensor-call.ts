@@ -18,10 +18,9 @@ import type { ServerDuplexStream } from '@grpc/grpc-js';
 import { bnError } from '../errors.js';
 import type { Tensor, Tensor__Output } from '../generated/normserve/v1/Tensor.js';
 import { copyBytes, decodeTensor, decodeTensorHeader, encodeTensor, type DecodedTensor, type TensorHeader } from '../wire/tensor-codec.js';
-import type { Principal } from './auth.js';
 import type { Ref, RegionRegistry } from './shared-memory.js';
 import { toServiceError } from './status.js';
-import type { CallContext, Handler, Requirement, Scratch } from './unary.js';
+import { admit, authorize, type Admission, type CallContext, type Handler, type Requirement, type Scratch } from './unary.js';
 
 /** What a tensor call answers: the response without its tensor, and the tensor. */
 export interface TensorAnswer<Res> {
@@ -56,35 +55,35 @@ export interface TensorCallContext extends CallContext {
 }
 
 /**
- * Plain-memory copies of answers in shared memory, kept for reuse. protobufjs copies a bytes
- * field into its message at any offset, and V8 copies out of shared memory byte by byte when the
- * alignments differ; an aligned copy into plain memory first, then protobufjs's memcpy, is
- * faster. Pooled, because fresh memory costs a page fault per 4 KiB on first touch.
+ * Plain memory kept for reuse, by length: fresh memory costs a page fault per 4 KiB on first
+ * touch. Only what `take` handed out comes back, once; past `limit` bytes a returned buffer is
+ * left to the garbage collector.
  */
-export class PlainCopies {
-  readonly #free = new Map<number, Float32Array[]>();
-  /** The copies this pool made and has handed out: only those come back. */
-  readonly #out = new WeakSet<Float32Array>();
+class PlainPool<T extends Uint8Array | Float32Array> {
+  readonly #free = new Map<number, T[]>();
+  readonly #out = new WeakSet<T>();
+  readonly #make: (length: number) => T;
   #bytes = 0;
-  constructor(readonly limit = 256 * 1024 * 1024) {}
-
-  /** `t` itself when it is in plain memory, else a copy (to `give` back once serialised). */
-  take(t: Float32Array): Float32Array {
-    if (!(t.buffer instanceof SharedArrayBuffer)) return t;
-    const copy = this.#free.get(t.length)?.pop();
-    if (copy) this.#bytes -= copy.byteLength;
-    const out = copy ?? new Float32Array(t.length);
-    out.set(t);
-    this.#out.add(out);
-    return out;
+  constructor(
+    readonly limit: number,
+    make: (length: number) => T,
+  ) {
+    this.#make = make;
   }
 
-  /** Bytes kept for reuse now. */
   get bytes(): number {
     return this.#bytes;
   }
 
-  give(t: Float32Array): void {
+  take(length: number): T {
+    const reused = this.#free.get(length)?.pop();
+    if (reused) this.#bytes -= reused.byteLength;
+    const out = reused ?? this.#make(length);
+    this.#out.add(out);
+    return out;
+  }
+
+  give(t: T): void {
     if (!this.#out.has(t)) return;
     this.#out.delete(t);
     if (this.#bytes + t.byteLength > this.limit) return;
@@ -92,6 +91,35 @@ export class PlainCopies {
     if (!list) this.#free.set(t.length, (list = []));
     list.push(t);
     this.#bytes += t.byteLength;
+  }
+}
+
+/**
+ * Plain-memory copies of answers in shared memory. protobufjs copies a bytes field into its
+ * message at any offset, and V8 copies out of shared memory byte by byte when the alignments
+ * differ; an aligned copy into plain memory first, then protobufjs's memcpy, is faster.
+ */
+export class PlainCopies {
+  readonly #pool: PlainPool<Float32Array>;
+  constructor(limit = 256 * 1024 * 1024) {
+    this.#pool = new PlainPool(limit, (n) => new Float32Array(n));
+  }
+
+  /** Bytes kept for reuse now. */
+  get bytes(): number {
+    return this.#pool.bytes;
+  }
+
+  /** `t` itself when it is in plain memory, else a copy (to `give` back once serialised). */
+  take(t: Float32Array): Float32Array {
+    if (!(t.buffer instanceof SharedArrayBuffer)) return t;
+    const out = this.#pool.take(t.length);
+    out.set(t);
+    return out;
+  }
+
+  give(t: Float32Array): void {
+    this.#pool.give(t);
   }
 }
 
@@ -192,29 +220,15 @@ export function streamTensorHandler<Req, Res>(ctx: TensorCallContext, requiremen
       for (const cleanup of cleanups.splice(0)) cleanup();
       if (err !== undefined) call.emit('error', toServiceError(err, ctx.logger));
     };
-    if (ctx.draining()) return finish(bnError('BN_ERR_SHUTTING_DOWN', {}));
-    let principal: Principal;
+    let admission: Admission;
     try {
-      principal = ctx.auth.authenticate(call.metadata);
+      admission = admit(ctx, call);
     } catch (err) {
       return finish(err);
     }
-    if (ctx.inFlight.count >= ctx.maxCalls) {
-      return finish(bnError('BN_ERR_TOO_MANY_CALLS', { count: ctx.inFlight.count, where: 'being handled', limit: `max_calls=${ctx.maxCalls}` }));
-    }
-    ctx.inFlight.count++;
-    cleanups.push(() => ctx.inFlight.count--);
-    const cancel = new AbortController();
-    call.once('cancelled', () => {
-      cancel.abort();
-      finish();
-    });
-    const deadline = call.getDeadline();
-    const ms = deadline instanceof Date ? deadline.getTime() - Date.now() : deadline - Date.now();
-    if (Number.isFinite(ms)) {
-      const timer = setTimeout(() => cancel.abort(), Math.max(0, ms));
-      cleanups.push(() => clearTimeout(timer));
-    }
+    const { principal, signal } = admission;
+    cleanups.push(() => admission.done());
+    call.once('cancelled', () => finish());
     // Tensors go back to the backend once every chunk has been serialised.
     call.once('finish', () => {
       if (ctx.release) for (const t of scratch) ctx.release(t);
@@ -233,10 +247,7 @@ export function streamTensorHandler<Req, Res>(ctx: TensorCallContext, requiremen
           if (req !== undefined) throw invalidStream('a second head arrived; a stream carries one call');
           req = message.head!;
           const named = (req as { name?: unknown }).name;
-          const name = typeof named === 'string' ? named : '';
-          if (!principal.can(requirement === 'list' ? 'read' : requirement, name)) {
-            throw bnError('BN_ERR_PERMISSION_DENIED', { id: principal.id, access: requirement, name });
-          }
+          authorize(principal, requirement, typeof named === 'string' ? named : '');
           const wire = (req as Record<string, unknown>)[op.inputField] as Tensor__Output | null | undefined;
           if (wire && wire.data.length > 0) throw invalidStream(`the head's ${op.inputField} carries data; send its bytes as chunks after the head`);
           op.check(req, () => (header = decodeTensorHeader(wire, decodeOptions(ctx, op.inputField))));
@@ -265,7 +276,7 @@ export function streamTensorHandler<Req, Res>(ctx: TensorCallContext, requiremen
         if (received !== bytes!.length) {
           throw streamLength(op.inputField, `${received} bytes before the stream ended, of the ${bytes!.length} its shape [${header!.shape.join(', ')}] needs`, req, op);
         }
-        const answer = await op.run(req, { shape: header!.shape, data }, cancel.signal, scratch);
+        const answer = await op.run(req, { shape: header!.shape, data }, signal, scratch);
         if (finished) return;
         const head = { ...answer.head, [op.outputField]: { shape: answer.shape.map(String), dtype: 'FLOAT32', data: Buffer.alloc(0) } satisfies Tensor } as Res;
         await write(call, { head });
@@ -294,28 +305,8 @@ export function streamTensorHandler<Req, Res>(ctx: TensorCallContext, requiremen
   };
 }
 
-/** Plain buffers for answer chunks, by size, shared by all streams (64 MiB at most kept). */
-class ChunkPool {
-  readonly #free = new Map<number, Buffer[]>();
-  #bytes = 0;
-  constructor(readonly limit: number) {}
-
-  take(size: number): Buffer {
-    const reused = this.#free.get(size)?.pop();
-    if (reused) this.#bytes -= size;
-    return reused ?? Buffer.allocUnsafeSlow(size);
-  }
-
-  give(chunk: Buffer): void {
-    if (this.#bytes + chunk.length > this.limit) return;
-    let list = this.#free.get(chunk.length);
-    if (!list) this.#free.set(chunk.length, (list = []));
-    list.push(chunk);
-    this.#bytes += chunk.length;
-  }
-}
-
-const CHUNKS = new ChunkPool(64 * 1024 * 1024);
+/** Plain buffers for answer chunks out of shared memory, shared by all streams (64 MiB at most kept). */
+const CHUNKS = new PlainPool(64 * 1024 * 1024, (n) => Buffer.allocUnsafeSlow(n));
 
 /**
  * Writes one message, waiting for the stream to drain when its buffer is full; `done` runs once

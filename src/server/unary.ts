@@ -3,7 +3,7 @@
  * flight, turn thrown errors into statuses, and give the handler an AbortSignal that fires when
  * the client cancels or its deadline passes.
  */
-import type { ServerUnaryCall, sendUnaryData } from '@grpc/grpc-js';
+import type { Deadline, Metadata, ServerUnaryCall, sendUnaryData } from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { bnError } from '../errors.js';
 import type { Access, Authenticator, Principal } from './auth.js';
@@ -36,48 +36,78 @@ export type Handler<Req, Res> = (request: Req, signal: AbortSignal, principal: P
  */
 export type Requirement = Access | 'list';
 
+/** A call let in: who makes it, a signal for its cancellation or deadline, and its end. */
+export interface Admission {
+  readonly principal: Principal;
+  readonly signal: AbortSignal;
+  /** Call once when the call has ended: it frees its place under --max-calls. */
+  done(): void;
+}
+
+/** Refuses a principal the access a call needs to the module it names. */
+export function authorize(principal: Principal, requirement: Requirement, name: string): void {
+  if (requirement !== 'list' && !principal.can(requirement, name)) {
+    throw bnError('BN_ERR_PERMISSION_DENIED', { id: principal.id, access: requirement, name });
+  }
+}
+
+/**
+ * Lets a call in, or throws why not: the server is draining, the token is missing or unknown,
+ * `check` (the permission, where the module is known already) refuses, or --max-calls calls are
+ * running. The signal fires when the client cancels or the deadline passes (grpc-js answers
+ * DEADLINE_EXCEEDED at the deadline without telling the handler, so it is timed here too).
+ */
+export function admit(
+  ctx: CallContext,
+  call: { readonly metadata: Metadata; getDeadline(): Deadline; once(event: 'cancelled', listener: () => void): unknown },
+  check: (principal: Principal) => void = () => {},
+): Admission {
+  if (ctx.draining()) throw bnError('BN_ERR_SHUTTING_DOWN', {});
+  const principal = ctx.auth.authenticate(call.metadata);
+  check(principal);
+  if (ctx.inFlight.count >= ctx.maxCalls) {
+    throw bnError('BN_ERR_TOO_MANY_CALLS', { count: ctx.inFlight.count, where: 'being handled', limit: `max_calls=${ctx.maxCalls}` });
+  }
+  const cancel = new AbortController();
+  call.once('cancelled', () => cancel.abort());
+  const deadline = call.getDeadline();
+  const ms = deadline instanceof Date ? deadline.getTime() - Date.now() : deadline - Date.now();
+  const timer = Number.isFinite(ms) ? setTimeout(() => cancel.abort(), Math.max(0, ms)) : undefined;
+  ctx.inFlight.count++;
+  let ended = false;
+  return {
+    principal,
+    signal: cancel.signal,
+    done: () => {
+      if (ended) return;
+      ended = true;
+      clearTimeout(timer);
+      ctx.inFlight.count--;
+    },
+  };
+}
+
 export function unaryWith(ctx: CallContext) {
   return function unary<Req, Res>(requirement: Requirement, handler: Handler<Req, Res>) {
     return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
-      if (ctx.draining()) {
-        callback(toServiceError(bnError('BN_ERR_SHUTTING_DOWN', {}), ctx.logger));
-        return;
-      }
-      let principal: Principal;
+      let admission: Admission;
       try {
-        principal = ctx.auth.authenticate(call.metadata);
         const named = (call.request as { name?: unknown }).name;
-        const name = typeof named === 'string' ? named : '';
-        if (requirement !== 'list' && !principal.can(requirement, name)) {
-          throw bnError('BN_ERR_PERMISSION_DENIED', { id: principal.id, access: requirement, name });
-        }
+        admission = admit(ctx, call, (principal) => authorize(principal, requirement, typeof named === 'string' ? named : ''));
       } catch (err) {
         callback(toServiceError(err, ctx.logger));
         return;
       }
-      if (ctx.inFlight.count >= ctx.maxCalls) {
-        const err = bnError('BN_ERR_TOO_MANY_CALLS', { count: ctx.inFlight.count, where: 'being handled', limit: `max_calls=${ctx.maxCalls}` });
-        callback(toServiceError(err, ctx.logger));
-        return;
-      }
-      const cancel = new AbortController();
-      call.once('cancelled', () => cancel.abort());
-      // grpc-js answers DEADLINE_EXCEEDED at the deadline without telling the handler: time it here too.
-      const deadline = call.getDeadline();
-      const ms = deadline instanceof Date ? deadline.getTime() - Date.now() : deadline - Date.now();
-      const timer = Number.isFinite(ms) ? setTimeout(() => cancel.abort(), Math.max(0, ms)) : undefined;
-      ctx.inFlight.count++;
       const scratch: Scratch = [];
       Promise.resolve()
-        .then(() => handler(call.request, cancel.signal, principal, scratch))
+        .then(() => handler(call.request, admission.signal, admission.principal, scratch))
         .then(
           // grpc-js serialises the response inside the callback: after it, no tensor is read again.
           (response) => callback(null, response),
           (err: unknown) => callback(toServiceError(err, ctx.logger)),
         )
         .finally(() => {
-          clearTimeout(timer);
-          ctx.inFlight.count--;
+          admission.done();
           if (ctx.release) for (const t of scratch) ctx.release(t);
         });
     };

@@ -134,6 +134,15 @@ describe('bearer tokens', () => {
       message: "token team-b may not write module 'team-b/bn'",
     });
     await b.forward('shared/bn', { shape: [2, 2], data: Float32Array.of(1, 2, 3, 4) });
+    // Streams check the module their head names.
+    await expect(b.forward('team-b/bn', { shape: [2, 2], data: Float32Array.of(1, 2, 3, 4) }, { transport: 'stream' })).rejects.toMatchObject({
+      code: Status.PERMISSION_DENIED,
+      message: "token team-b may not write module 'team-b/bn'",
+    });
+    await b.forward('shared/bn', { shape: [2, 2], data: Float32Array.of(1, 2, 3, 4) }, { transport: 'stream' });
+    await expect(connect(address).forward('shared/bn', { shape: [2, 2], data: Float32Array.of(1, 2, 3, 4) }, { transport: 'stream' })).rejects.toMatchObject({
+      code: Status.UNAUTHENTICATED,
+    });
     expect((await b.listModules()).modules.map((m) => m.name)).toEqual(['shared/bn', 'team-b/bn']);
     expect((await connect(address, { token: tokens.a }).listModules()).modules.map((m) => m.name)).toEqual(['team-a/bn', 'team-a/new']);
   });
