@@ -5,6 +5,7 @@
  */
 import { parseArgs } from 'node:util';
 import { z } from 'zod';
+import { parsePeers } from './cluster/placement.js';
 import { BACKEND_NAMES } from './kernels/kernels.js';
 
 const BACKEND_CHOICES = ['auto', ...BACKEND_NAMES.filter((b) => b !== 'reference'), 'reference'] as const;
@@ -64,6 +65,27 @@ export const SETTINGS = {
     default: 9464,
     schema: int(0, 65535),
     description: 'HTTP port of the Prometheus metrics (GET /metrics, on the same host as gRPC); 0 picks a free one.',
+  },
+  healthPort: {
+    flag: 'health-port',
+    env: 'NORMSERVE_HEALTH_PORT',
+    default: 0,
+    schema: int(0, 65535),
+    description: 'Extra plaintext port that serves only grpc.health.v1, for Kubernetes probes when gRPC itself uses TLS; 0: none (health is always on the gRPC port too).',
+  },
+  peers: {
+    flag: 'peers',
+    env: 'NORMSERVE_PEERS',
+    default: '',
+    schema: z.string(),
+    description: "Comma-separated host:port of every replica, in StatefulSet ordinal order; each module belongs to one replica by a stable hash of its name (docs/scale-out.md). '': this server owns every module.",
+  },
+  selfAddress: {
+    flag: 'self-address',
+    env: 'NORMSERVE_SELF_ADDRESS',
+    default: '',
+    schema: z.string(),
+    description: 'This replica\'s own address, exactly as it appears in --peers (needed with --peers).',
   },
   backend: {
     flag: 'backend',
@@ -237,7 +259,24 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv): Con
     }
     config[key] = parsed.data;
   }
+  checkPeers(config as Config);
   return config as Config;
+}
+
+/** The rules across settings: a valid --peers list that names this replica. */
+function checkPeers(config: Pick<Config, 'peers' | 'selfAddress'>): void {
+  let peers: string[];
+  try {
+    peers = parsePeers(config.peers);
+  } catch (err) {
+    throw new ConfigError(`invalid --peers (${SETTINGS.peers.env}): ${(err as Error).message}`);
+  }
+  if (peers.length === 0 && config.selfAddress !== '') throw new ConfigError('--self-address is only meaningful with --peers');
+  if (peers.length > 0 && !peers.includes(config.selfAddress)) {
+    throw new ConfigError(
+      `--self-address (${SETTINGS.selfAddress.env}) must be one of the --peers addresses (${peers.join(', ')}), not '${config.selfAddress}'`,
+    );
+  }
 }
 
 export function defaultConfig(overrides: Partial<Config> = {}): Config {

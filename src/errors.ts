@@ -195,6 +195,11 @@ export const catalogue = {
   BN_ERR_REGION_BOUNDS: { status: Status.INVALID_ARGUMENT, template: 'out of bounds: {detail}' },
   BN_ERR_REGION_UNKNOWN: { status: Status.NOT_FOUND, template: "no region named '{name}' is registered (by this caller)" },
   BN_ERR_REGION_DATA: { status: Status.INVALID_ARGUMENT, template: '{field} has data and names a region; send the bytes one way only' },
+  BN_ERR_NOT_OWNER: {
+    status: Status.FAILED_PRECONDITION,
+    template:
+      "module '{name}' belongs to replica {index} of {replicas} at {owner}, not to this one ({self}); send its calls there (google.rpc.ErrorInfo metadata 'owner' has the address)",
+  },
   BN_ERR_CANCELLED: { status: Status.CANCELLED, template: 'the call was cancelled before it ran' },
   BN_ERR_SHUTTING_DOWN: { status: Status.UNAVAILABLE, template: 'the server is shutting down; retry on another replica' },
   BN_ERR_STORE: {
@@ -214,6 +219,8 @@ export class NormserveError extends Error {
   override readonly name = 'NormserveError';
   readonly status: StatusCode;
   readonly pythonType: PythonType | undefined;
+  /** Extra google.rpc.ErrorInfo metadata for clients to act on (e.g. the owner's address). */
+  metadata: Readonly<Record<string, string>> = {};
 
   constructor(
     readonly code: ErrorCode,
@@ -224,6 +231,12 @@ export class NormserveError extends Error {
     const entry: Entry = catalogue[code];
     this.status = entry.status;
     this.pythonType = entry.pythonType;
+  }
+
+  /** Adds ErrorInfo metadata; returns the error, for `throw bnError(...).with({...})`. */
+  with(metadata: Record<string, string>): this {
+    this.metadata = { ...this.metadata, ...metadata };
+    return this;
   }
 }
 

@@ -24,6 +24,7 @@ import type { StateDict } from '../nn/state-dict.js';
 import { ErrorInfo, RpcStatus, grpcObject } from '../wire/proto.js';
 import { encodeTensor } from '../wire/tensor-codec.js';
 import { clientChannelOptions } from '../wire/transport.js';
+import { ownerIndex } from '../cluster/placement.js';
 import type { SharedMemoryFile } from './shared-memory.js';
 
 /** A state_dict; an absent key is one the module does not have (None). */
@@ -130,6 +131,15 @@ export interface ClientOptions {
   flowControlWindow?: number;
   /** Deadline for each call, in milliseconds; none by default. */
   deadlineMs?: number;
+  /**
+   * The replicas' addresses in ordinal order (the server's --peers; statefulSetPeers() builds
+   * them for the Helm chart). Calls on a module go straight to its owner by the rule of
+   * docs/scale-out.md. Without them, calls go to `address` and follow the owner's address when a
+   * replica answers BN_ERR_NOT_OWNER.
+   */
+  peers?: readonly string[];
+  /** Follow BN_ERR_NOT_OWNER to the owner it names (default true). */
+  followOwner?: boolean;
 }
 
 /** A failed call: the gRPC status plus normserve's reason code and PyTorch's exception class. */
@@ -141,6 +151,8 @@ export class NormserveClientError extends Error {
   readonly reason: string | undefined;
   /** ValueError, RuntimeError or AttributeError where PyTorch raises for the same call. */
   readonly pythonType: string | undefined;
+  /** google.rpc.ErrorInfo's metadata, e.g. `owner` (the owner's address) with BN_ERR_NOT_OWNER. */
+  readonly info: Readonly<Record<string, string>>;
   readonly metadata: Metadata | undefined;
 
   constructor(err: ServiceError) {
@@ -149,18 +161,19 @@ export class NormserveClientError extends Error {
     this.metadata = err.metadata;
     const info = decodeErrorInfo(err.metadata);
     this.reason = info?.reason;
-    this.pythonType = info?.pythonType;
+    this.pythonType = info?.metadata.python_type;
+    this.info = info?.metadata ?? {};
   }
 }
 
-function decodeErrorInfo(metadata: Metadata | undefined): { reason: string; pythonType: string | undefined } | undefined {
+function decodeErrorInfo(metadata: Metadata | undefined): { reason: string; metadata: Record<string, string> } | undefined {
   const raw = metadata?.get('grpc-status-details-bin')[0];
   if (!(raw instanceof Buffer)) return undefined;
   const status = RpcStatus.toObject(RpcStatus.decode(raw)) as { details?: { type_url: string; value: Uint8Array }[] };
   const any = status.details?.find((d) => d.type_url.endsWith('/google.rpc.ErrorInfo'));
   if (!any) return undefined;
   const info = ErrorInfo.toObject(ErrorInfo.decode(any.value)) as { reason: string; metadata?: Record<string, string> };
-  return { reason: info.reason, pythonType: info.metadata?.python_type };
+  return { reason: info.reason, metadata: info.metadata ?? {} };
 }
 
 /** How a tensor travels: inside one message, or streamed in chunks (default: streamed above `streamAboveBytes`). */
@@ -265,38 +278,93 @@ export type ServingStatus = 'UNKNOWN' | 'SERVING' | 'NOT_SERVING' | 'SERVICE_UNK
 const stepFields = (ref: StepRef) => ({ step: String(ref.step), rank: ref.rank, world_size: ref.worldSize });
 const f64 = (values: number[]) => Float64Array.from(values);
 
+/** The stubs of one replica, sharing one channel. */
+interface Endpoint {
+  readonly modules: BatchNormServiceClient;
+  readonly sync: Client;
+  readonly health: Client;
+}
+type ServiceKind = keyof Endpoint;
+
+/** Calls that name no module (or name a region): they go to the client's own address. */
+const UNROUTED = new Set(['Check', 'ListModules', 'RegisterRegion', 'UnregisterRegion', 'ListRegions']);
+/** Owners learnt from BN_ERR_NOT_OWNER answers are kept for this many names. */
+const LEARNT_OWNERS_LIMIT = 65_536;
+
 export class NormserveClient {
-  readonly #stub: BatchNormServiceClient;
-  readonly #sync: Client;
-  readonly #health: Client;
+  readonly #address: string;
+  readonly #peers: readonly string[];
+  readonly #endpoints = new Map<string, Endpoint>();
+  readonly #owners = new Map<string, string>();
+  readonly #credentials: ChannelCredentials;
+  readonly #channelOptions: ChannelOptions;
   readonly #deadlineMs: number | undefined;
   readonly #token: string | undefined;
   readonly #streamAboveBytes: number;
   readonly #streamChunkBytes: number;
+  readonly #followOwner: boolean;
 
   constructor(address: string, options: ClientOptions = {}) {
-    const channelCredentials = options.credentials ?? grpcCredentials.createInsecure();
-    this.#stub = new grpcObject.normserve.v1.BatchNormService(address, channelCredentials, {
-      ...clientChannelOptions(options.flowControlWindow),
-      ...options.channelOptions,
-    });
-    // The other services' clients share the stub's channel.
-    const shared = { channelOverride: this.#stub.getChannel() };
-    this.#health = new HealthClient(address, channelCredentials, shared);
-    this.#sync = new grpcObject.normserve.v1.SyncBatchNormService(address, channelCredentials, shared);
+    this.#address = address;
+    this.#followOwner = options.followOwner ?? true;
+    this.#peers = [...(options.peers ?? [])];
+    this.#credentials = options.credentials ?? grpcCredentials.createInsecure();
+    this.#channelOptions = { ...clientChannelOptions(options.flowControlWindow), ...options.channelOptions };
     this.#deadlineMs = options.deadlineMs;
     this.#token = options.token;
     this.#streamAboveBytes = options.streamAboveBytes ?? 32 * 1024 * 1024;
     this.#streamChunkBytes = options.streamChunkBytes ?? 1024 * 1024;
+    this.#endpoint(address);
   }
 
   close(): void {
-    this.#stub.close();
+    for (const e of this.#endpoints.values()) e.modules.close();
+  }
+
+  /** The address the client sends calls on module `name` to (docs/scale-out.md). */
+  addressFor(name: string): string {
+    if (this.#peers.length > 0 && !this.#owners.has(name)) return this.#peers[ownerIndex(name, this.#peers.length)]!;
+    return this.#owners.get(name) ?? this.#address;
+  }
+
+  #endpoint(address: string): Endpoint {
+    let e = this.#endpoints.get(address);
+    if (!e) {
+      const modules = new grpcObject.normserve.v1.BatchNormService(address, this.#credentials, this.#channelOptions) as unknown as BatchNormServiceClient;
+      const shared = { channelOverride: modules.getChannel() };
+      e = {
+        modules,
+        sync: new grpcObject.normserve.v1.SyncBatchNormService(address, this.#credentials, shared),
+        health: new HealthClient(address, this.#credentials, shared),
+      };
+      this.#endpoints.set(address, e);
+    }
+    return e;
+  }
+
+  /**
+   * Runs `attempt` against the replica that owns `name`; when that replica answers
+   * BN_ERR_NOT_OWNER (the client's peers are out of date, or it knows none), once more against
+   * the owner it names. The refused call changed nothing, so repeating it is safe.
+   */
+  async #routed<T>(name: string | undefined, attempt: (endpoint: Endpoint) => Promise<T>): Promise<T> {
+    let address = name === undefined ? this.#address : this.addressFor(name);
+    for (let hop = 0; ; hop++) {
+      try {
+        return await attempt(this.#endpoint(address));
+      } catch (err) {
+        const owner = err instanceof NormserveClientError && err.reason === 'BN_ERR_NOT_OWNER' ? err.info.owner : undefined;
+        if (!this.#followOwner || name === undefined || owner === undefined || owner === address || hop >= 2) throw err;
+        if (this.#owners.size >= LEARNT_OWNERS_LIMIT) this.#owners.clear();
+        this.#owners.set(name, owner);
+        address = owner;
+      }
+    }
   }
 
   /** grpc.health.v1 Check: '' is the whole server, 'normserve.v1.BatchNormService' the module API. */
   async health(service = ''): Promise<ServingStatus> {
-    const r = await this.#call<{ status: ServingStatus }>('Check', { service }, this.#health);
+    const r = await this.#call<{ status: ServingStatus }>('Check', { service }, 'health');
     return r.status;
   }
 
@@ -385,7 +453,7 @@ export class NormserveClient {
       { name, save_for_backward: options.saveForBackward ?? false },
       ['input', input],
       'output',
-      this.#stub,
+      'modules',
       options.transport,
       options.region,
     );
@@ -399,7 +467,7 @@ export class NormserveClient {
       { name, context_id: contextId, retain_context: options.retainContext ?? false },
       ['grad_output', gradOutput],
       'grad_input',
-      this.#stub,
+      'modules',
       options.transport,
       options.region,
     );
@@ -422,7 +490,7 @@ export class NormserveClient {
       { name, ...stepFields(ref), save_for_backward: options.saveForBackward ?? false },
       ['input', input],
       'output',
-      this.#sync,
+      'sync',
       options.transport,
     );
     return { output: tensor, contextId: r.context_id, count: Number(r.count), mean: f64(r.mean), invstd: f64(r.invstd), synced: r.synced };
@@ -442,7 +510,7 @@ export class NormserveClient {
       { name, ...stepFields(ref), context_id: contextId, retain_context: options.retainContext ?? false },
       ['grad_output', gradOutput],
       'grad_input',
-      this.#sync,
+      'sync',
       options.transport,
     );
     const vec = (t: Maybe) => (t ? tensorFromWire(t).data : null);
@@ -460,7 +528,7 @@ export class NormserveClient {
     const r = await this.#call<{ count: string; mean: number[]; var: number[]; invstd: number[]; synced: boolean }>(
       'GatherStats',
       { name, ...stepFields(ref), count: String(stats.count), mean: Array.from(stats.mean), var: Array.from(stats.var) },
-      this.#sync,
+      'sync',
     );
     return { count: Number(r.count), mean: f64(r.mean), var: f64(r.var), invstd: f64(r.invstd), synced: r.synced };
   }
@@ -474,14 +542,14 @@ export class NormserveClient {
     const r = await this.#call<{ sum_dy: number[]; sum_dy_xmu: number[]; count: string }>(
       'ReduceGrads',
       { name, ...stepFields(ref), sum_dy: Array.from(sums.sumDy), sum_dy_xmu: Array.from(sums.sumDyXmu) },
-      this.#sync,
+      'sync',
     );
     return { sumDy: f64(r.sum_dy), sumDyXmu: f64(r.sum_dy_xmu), count: Number(r.count) };
   }
 
   /** convert_sync_batchnorm for one module, in place, keeping its state and training flag. */
   async convertToSync(name: string, worldSize: number, syncRule?: SyncRule): Promise<ModuleInfo> {
-    return moduleFromWire(await this.#call<Module__Output>('ConvertToSync', { name, world_size: worldSize, sync_rule: syncRule ?? 'SYNC_RULE_UNSPECIFIED' }, this.#sync));
+    return moduleFromWire(await this.#call<Module__Output>('ConvertToSync', { name, world_size: worldSize, sync_rule: syncRule ?? 'SYNC_RULE_UNSPECIFIED' }, 'sync'));
   }
 
   /** Registers `byteSize` bytes from `offset` of a file under the server's --shm-dir as region `name`. */
@@ -499,7 +567,13 @@ export class NormserveClient {
     return r.regions.map(regionFromWire);
   }
 
-  #call<T>(method: string, request: object, stub: object = this.#stub): Promise<T> {
+  #call<T>(method: string, request: object, kind: ServiceKind = 'modules'): Promise<T> {
+    const named = (request as { name?: unknown }).name;
+    const name = !UNROUTED.has(method) && typeof named === 'string' ? named : undefined;
+    return this.#routed(name, (endpoint) => this.#callOn<T>(endpoint[kind], method, request));
+  }
+
+  #callOn<T>(stub: object, method: string, request: object): Promise<T> {
     const fn = (stub as Record<string, Function>)[method]!;
     return new Promise<T>((resolve, reject) => {
       fn.call(stub, request, this.#metadata(), this.#callOptions(), (err: ServiceError | null, response: T) =>
@@ -527,7 +601,7 @@ export class NormserveClient {
     request: object,
     [inField, input]: [string, TensorData],
     outField: string,
-    stub: object,
+    kind: ServiceKind,
     transport: Transport | undefined,
     region?: RegionUse,
   ): Promise<{ tensor: TensorData; response: R }> {
@@ -542,7 +616,7 @@ export class NormserveClient {
           [`${inField}_region`]: { region: region.name, offset: String(region.inputOffset) },
           [`${outField}_region`]: { region: region.name, offset: String(region.outputOffset) },
         },
-        stub,
+        kind,
       );
       const t = r[outField] as Tensor__Output;
       const shape = t.shape.map(Number);
@@ -551,9 +625,15 @@ export class NormserveClient {
     }
     const streamed = transport === 'stream' || (transport === undefined && input.data.byteLength > this.#streamAboveBytes);
     if (!streamed) {
-      const r = await this.#call<Record<string, unknown>>(method, { ...request, [inField]: encodeTensor(input.shape, input.data) }, stub);
+      const r = await this.#call<Record<string, unknown>>(method, { ...request, [inField]: encodeTensor(input.shape, input.data) }, kind);
       return { tensor: tensorFromWire(r[outField] as Tensor__Output), response: r as R };
     }
+    const named = (request as { name?: unknown }).name;
+    return this.#routed(typeof named === 'string' ? named : undefined, (endpoint) => this.#stream<R>(endpoint[kind], method, request, input, inField, outField));
+  }
+
+  /** The streamed form of a tensor call, on one replica. */
+  #stream<R>(stub: object, method: string, request: object, input: TensorData, inField: string, outField: string): Promise<{ tensor: TensorData; response: R }> {
     const call = (stub as Record<string, Function>)[`${method}Stream`]!.call(stub, this.#metadata(), this.#callOptions()) as ClientDuplexStream<object, StreamPart>;
     return new Promise((resolve, reject) => {
       let head: Record<string, unknown> | undefined;

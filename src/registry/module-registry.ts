@@ -75,6 +75,10 @@ export class ModuleRegistry {
     return module;
   }
 
+  has(name: string): boolean {
+    return this.#entries.has(name);
+  }
+
   get(name: string): BatchNorm {
     return this.#entry(name).module;
   }

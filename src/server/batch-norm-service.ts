@@ -104,7 +104,8 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
       contexts.dropModule(req.name);
       coordinator.drop(req.name, `module '${req.name}' was deleted`);
       return {};
-    }),
+      // A replica that is no longer the owner deletes the copy it holds once it has been moved.
+    }, 'held'),
     UpdateModule: unary('write', (req) => {
       const update = updateFromWire(req);
       return registry.exclusive(req.name, (module) => {

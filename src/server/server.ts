@@ -3,7 +3,7 @@
  * configured address; and its orderly shutdown.
  */
 import { readFileSync } from 'node:fs';
-import { ServerCredentials } from '@grpc/grpc-js';
+import { Server, ServerCredentials } from '@grpc/grpc-js';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation } from 'grpc-health-check';
 import type { Logger } from 'pino';
@@ -24,14 +24,23 @@ import { Metrics } from './metrics.js';
 import { createGrpcServer } from '../wire/transport.js';
 import { PlainCopies, StreamBudget } from './tensor-call.js';
 import { RegionRegistry } from './shared-memory.js';
+import { parsePeers, Placement } from '../cluster/placement.js';
 
 export const BATCH_NORM_SERVICE_NAME = 'normserve.v1.BatchNormService';
 export const SYNC_SERVICE_NAME = 'normserve.v1.SyncBatchNormService';
+/**
+ * The health service name for liveness probes: SERVING while the process serves at all, draining
+ * included, so that a probe never restarts a replica for being busy or shutting down.
+ */
+export const LIVENESS_SERVICE_NAME = 'liveness';
 
 export interface RunningServer {
   readonly port: number;
   readonly metricsPort: number;
+  /** The plaintext health-only port, or 0 when there is none. */
+  readonly healthPort: number;
   readonly metrics: Metrics;
+  readonly placement: Placement;
   readonly registry: ModuleRegistry;
   readonly contexts: ContextStore;
   readonly coordinator: Coordinator;
@@ -55,6 +64,9 @@ export async function startServer(
     | 'host'
     | 'port'
     | 'metricsPort'
+    | 'healthPort'
+    | 'peers'
+    | 'selfAddress'
     | 'tlsCert'
     | 'tlsKey'
     | 'tlsClientCa'
@@ -110,6 +122,7 @@ export async function startServer(
   const stored = store.load();
   registry = new ModuleRegistry(config.maxModules, persistence, config.maxCallsPerModule);
   registry.restore(stored.modules);
+  const placement = new Placement(parsePeers(config.peers), config.selfAddress, (name) => registry.has(name));
   contexts = new ContextStore(config.contextBudgetBytes, config.contextTtlMs, (e) => {
     metrics.contextDropped(e.reason);
     logger.warn({ module: e.module, context_id: e.id, bytes: e.bytes, reason: e.reason }, 'saved context dropped before its backward');
@@ -121,6 +134,7 @@ export async function startServer(
   const auth = config.authTokensFile ? Authenticator.fromFile(config.authTokensFile) : Authenticator.disabled();
   const serviceDeps = {
     auth,
+    placement,
     registry,
     contexts,
     coordinator,
@@ -143,8 +157,12 @@ export async function startServer(
   };
   addBatchNormService(server, serviceDeps);
   addSyncBatchNormService(server, serviceDeps);
+  // Readiness: '' and the two APIs, NOT_SERVING until restored and again while draining.
   const services = ['', BATCH_NORM_SERVICE_NAME, SYNC_SERVICE_NAME];
-  const health = new HealthImplementation(Object.fromEntries(services.map((s) => [s, 'NOT_SERVING' as const])));
+  const health = new HealthImplementation({
+    ...Object.fromEntries(services.map((s) => [s, 'NOT_SERVING' as const])),
+    [LIVENESS_SERVICE_NAME]: 'SERVING',
+  });
   health.addToServer(server);
   new ReflectionService(packageDefinition).addToServer(server);
 
@@ -155,6 +173,8 @@ export async function startServer(
   );
   logger.info({ tls: config.tlsCert !== '', mutual_tls: config.tlsClientCa !== '', authentication: auth.enabled }, 'transport security');
   const metricsServer = await metrics.serve(config.host, config.metricsPort);
+  const healthServer = config.healthPort === 0 ? undefined : await serveHealthOnly(health, host, config.healthPort);
+  logger.info({ peers: placement.peers, self: config.selfAddress || undefined, replicas: placement.replicas }, 'placement');
   for (const s of services) health.setStatus(s, 'SERVING');
 
   let closing: Promise<void> | undefined;
@@ -180,11 +200,25 @@ export async function startServer(
       await regions.close();
       persistence.close();
       await metricsServer.close();
+      healthServer?.forceShutdown();
       await kernels.dispose();
     })();
     return closing;
   };
-  return { port, metricsPort: metricsServer.port, metrics, registry, contexts, coordinator, inFlight: () => serviceDeps.inFlight.count, shutdown };
+  return { port, metricsPort: metricsServer.port, healthPort: healthServer?.port ?? 0, metrics, placement, registry, contexts, coordinator, inFlight: () => serviceDeps.inFlight.count, shutdown };
+}
+
+/**
+ * grpc.health.v1 alone, in plaintext, on its own port: Kubernetes' gRPC probes cannot speak TLS,
+ * and health tells nothing that needs protecting.
+ */
+async function serveHealthOnly(health: HealthImplementation, host: string, port: number): Promise<Server & { port: number }> {
+  const server = new Server();
+  health.addToServer(server);
+  const bound = await new Promise<number>((resolve, reject) =>
+    server.bindAsync(`${host}:${port}`, ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+  );
+  return Object.assign(server, { port: bound });
 }
 
 /** Plaintext, TLS, or mutual TLS, from the certificate settings. */

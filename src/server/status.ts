@@ -27,7 +27,7 @@ export function toServiceError(thrown: unknown, logger: Logger): Partial<Service
     err = bnError('BN_ERR_INTERNAL', { detail: 'the server log has the details' });
   }
   const metadata = new Metadata();
-  const info: Record<string, string> = {};
+  const info: Record<string, string> = { ...err.metadata };
   if (err.pythonType) info.python_type = err.pythonType;
   const details = [any('google.rpc.ErrorInfo', ErrorInfo.encode(ErrorInfo.fromObject({ reason: err.code, domain: ERROR_DOMAIN, metadata: info })).finish())];
   if (err.field) {

@@ -247,7 +247,7 @@ export function streamTensorHandler<Req, Res>(ctx: TensorCallContext, requiremen
           if (req !== undefined) throw invalidStream('a second head arrived; a stream carries one call');
           req = message.head!;
           const named = (req as { name?: unknown }).name;
-          authorize(principal, requirement, typeof named === 'string' ? named : '');
+          authorize(ctx, principal, requirement, typeof named === 'string' ? named : '');
           const wire = (req as Record<string, unknown>)[op.inputField] as Tensor__Output | null | undefined;
           if (wire && wire.data.length > 0) throw invalidStream(`the head's ${op.inputField} carries data; send its bytes as chunks after the head`);
           op.check(req, () => (header = decodeTensorHeader(wire, decodeOptions(ctx, op.inputField))));

@@ -6,6 +6,7 @@
 import type { Deadline, Metadata, ServerUnaryCall, sendUnaryData } from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { bnError } from '../errors.js';
+import type { Locality, Placement } from '../cluster/placement.js';
 import type { Access, Authenticator, Principal } from './auth.js';
 import { toServiceError } from './status.js';
 
@@ -18,6 +19,8 @@ export interface CallContext {
   /** At most this many handlers run at once. */
   readonly maxCalls: number;
   readonly auth: Authenticator;
+  /** Which replica owns which module; calls on another replica's modules are refused. */
+  readonly placement?: Placement;
   /** Takes back tensors a call owned once its answer is sent (Kernels.release). */
   readonly release?: (tensor: Float32Array) => void;
 }
@@ -44,11 +47,26 @@ export interface Admission {
   done(): void;
 }
 
-/** Refuses a principal the access a call needs to the module it names. */
-export function authorize(principal: Principal, requirement: Requirement, name: string): void {
-  if (requirement !== 'list' && !principal.can(requirement, name)) {
-    throw bnError('BN_ERR_PERMISSION_DENIED', { id: principal.id, access: requirement, name });
-  }
+/**
+ * Reads may be served by a replica that still holds a copy of the module, writes only by its
+ * owner (Placement); `list` names no module.
+ */
+export const defaultLocality = (requirement: Requirement): Locality => (requirement === 'write' ? 'owner' : 'held');
+
+/**
+ * Refuses a principal the access a call needs to the module it names, then a call on a module
+ * this replica may not serve (BN_ERR_NOT_OWNER, with the owner's address).
+ */
+export function authorize(
+  ctx: Pick<CallContext, 'placement'>,
+  principal: Principal,
+  requirement: Requirement,
+  name: string,
+  locality: Locality = defaultLocality(requirement),
+): void {
+  if (requirement === 'list') return;
+  if (!principal.can(requirement, name)) throw bnError('BN_ERR_PERMISSION_DENIED', { id: principal.id, access: requirement, name });
+  ctx.placement?.check(name, locality);
 }
 
 /**
@@ -88,12 +106,13 @@ export function admit(
 }
 
 export function unaryWith(ctx: CallContext) {
-  return function unary<Req, Res>(requirement: Requirement, handler: Handler<Req, Res>) {
+  /** `locality` overrides who may serve the call (default: defaultLocality(requirement)). */
+  return function unary<Req, Res>(requirement: Requirement, handler: Handler<Req, Res>, locality?: Locality) {
     return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
       let admission: Admission;
       try {
         const named = (call.request as { name?: unknown }).name;
-        admission = admit(ctx, call, (principal) => authorize(principal, requirement, typeof named === 'string' ? named : ''));
+        admission = admit(ctx, call, (principal) => authorize(ctx, principal, requirement, typeof named === 'string' ? named : '', locality));
       } catch (err) {
         callback(toServiceError(err, ctx.logger));
         return;

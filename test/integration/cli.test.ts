@@ -3,56 +3,13 @@
  * building): configuration, the start-up log, serving, and a clean exit on SIGTERM and SIGINT
  * with a call in flight.
  */
-import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
-import { once } from 'node:events';
-import { existsSync, mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import { describe, expect, it } from 'vitest';
 import { NormserveClient } from '../../src/client/client.js';
 import { Status } from '../../src/errors.js';
 import { channelData } from '../support/data.js';
+import { MAIN, runNode, startMain } from '../support/main-process.js';
 
-const MAIN = 'dist/src/main.js';
-
-/** Each start gets its own data directory unless the test gives one. */
-function withDataDir(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
-  return { NORMSERVE_DATA_DIR: mkdtempSync(join(tmpdir(), 'normserve-cli-')), NORMSERVE_METRICS_PORT: '0', ...process.env, ...env };
-}
-
-interface Started {
-  child: ChildProcessWithoutNullStreams;
-  lines: Record<string, unknown>[];
-  port: number;
-  exit: Promise<number | null>;
-}
-
-async function startMain(args: string[], env: NodeJS.ProcessEnv = {}): Promise<Started> {
-  expect(existsSync(MAIN), `${MAIN} is built by npm test before vitest runs`).toBe(true);
-  const child = spawn(process.execPath, [MAIN, ...args], { env: withDataDir(env) });
-  const exit = once(child, 'exit').then(([code]) => code as number | null);
-  const lines: Record<string, unknown>[] = [];
-  const port = await new Promise<number>((resolve, reject) => {
-    createInterface({ input: child.stdout }).on('line', (line) => {
-      const entry = JSON.parse(line) as Record<string, unknown>;
-      lines.push(entry);
-      if (entry.msg === 'normserve listening') resolve(entry.port as number);
-    });
-    exit.then((code) => reject(new Error(`exited with ${code} before listening`)));
-  });
-  return { child, lines, port, exit };
-}
-
-async function run(args: string[], env: NodeJS.ProcessEnv = {}) {
-  const child = spawn(process.execPath, [MAIN, ...args], { env: withDataDir(env) });
-  let stdout = '';
-  let stderr = '';
-  child.stdout.on('data', (d) => (stdout += d));
-  child.stderr.on('data', (d) => (stderr += d));
-  const [code] = await once(child, 'exit');
-  return { code, stdout, stderr };
-}
+const run = (args: string[], env: NodeJS.ProcessEnv = {}) => runNode(MAIN, args, env);
 
 describe('normserve command line', () => {
   it('prints its settings for --help', async () => {

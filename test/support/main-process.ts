@@ -1,0 +1,84 @@
+/**
+ * The real program as operators start it (`node dist/src/main.js`, built by `npm test` before
+ * vitest runs), in a child process: for the command-line tests and for several replicas on
+ * loopback standing in for a StatefulSet's pods.
+ */
+import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
+import { once } from 'node:events';
+import { existsSync, mkdtempSync } from 'node:fs';
+import { createServer } from 'node:net';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { createInterface } from 'node:readline';
+import { expect } from 'vitest';
+
+export const MAIN = 'dist/src/main.js';
+
+/** Each start gets its own data directory unless the caller gives one. */
+function withDataDir(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
+  return { NORMSERVE_DATA_DIR: mkdtempSync(join(tmpdir(), 'normserve-cli-')), NORMSERVE_METRICS_PORT: '0', ...process.env, ...env };
+}
+
+export interface Started {
+  child: ChildProcessWithoutNullStreams;
+  /** The JSON log lines so far. */
+  lines: Record<string, unknown>[];
+  port: number;
+  exit: Promise<number | null>;
+  /** SIGTERM, then the exit code. */
+  stop(): Promise<number | null>;
+}
+
+/** Starts `node dist/src/main.js args` and resolves once it logs that it listens. */
+export async function startMain(args: string[], env: NodeJS.ProcessEnv = {}, script = MAIN): Promise<Started> {
+  expect(existsSync(script), `${script} is built by npm test before vitest runs`).toBe(true);
+  const child = spawn(process.execPath, [script, ...args], { env: withDataDir(env) });
+  const exit = once(child, 'exit').then(([code]) => code as number | null);
+  const lines: Record<string, unknown>[] = [];
+  let stderr = '';
+  child.stderr.on('data', (d) => (stderr += d));
+  const port = await new Promise<number>((resolve, reject) => {
+    createInterface({ input: child.stdout }).on('line', (line) => {
+      const entry = JSON.parse(line) as Record<string, unknown>;
+      lines.push(entry);
+      if (entry.msg === 'normserve listening') resolve(entry.port as number);
+    });
+    void exit.then((code) => reject(new Error(`exited with ${code} before listening: ${stderr}`)));
+  });
+  return {
+    child,
+    lines,
+    port,
+    exit,
+    stop: () => {
+      child.kill('SIGTERM');
+      return exit;
+    },
+  };
+}
+
+/** Runs a node script to its end: exit code, stdout and stderr. */
+export async function runNode(script: string, args: string[], env: NodeJS.ProcessEnv = {}) {
+  const child = spawn(process.execPath, [script, ...args], { env: withDataDir(env) });
+  let stdout = '';
+  let stderr = '';
+  child.stdout.on('data', (d) => (stdout += d));
+  child.stderr.on('data', (d) => (stderr += d));
+  const [code] = await once(child, 'exit');
+  return { code: code as number | null, stdout, stderr };
+}
+
+/** `n` loopback ports that were free a moment ago (for replicas that must know each other's address before they start). */
+export async function freePorts(n: number): Promise<number[]> {
+  const servers = await Promise.all(
+    Array.from({ length: n }, async () => {
+      const s = createServer();
+      s.listen(0, '127.0.0.1');
+      await once(s, 'listening');
+      return s;
+    }),
+  );
+  const ports = servers.map((s) => (s.address() as { port: number }).port);
+  await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
+  return ports;
+}
