@@ -85,7 +85,7 @@ export const SETTINGS = {
     env: 'NORMSERVE_SELF_ADDRESS',
     default: '',
     schema: z.string(),
-    description: 'This replica\'s own address, exactly as it appears in --peers (needed with --peers).',
+    description: "This replica's own address, exactly as it appears in --peers (needed with --peers). A replica not in --peers owns no module: it serves reads and deletes of what it holds while it is scaled away.",
   },
   backend: {
     flag: 'backend',
@@ -272,10 +272,8 @@ function checkPeers(config: Pick<Config, 'peers' | 'selfAddress'>): void {
     throw new ConfigError(`invalid --peers (${SETTINGS.peers.env}): ${(err as Error).message}`);
   }
   if (peers.length === 0 && config.selfAddress !== '') throw new ConfigError('--self-address is only meaningful with --peers');
-  if (peers.length > 0 && !peers.includes(config.selfAddress)) {
-    throw new ConfigError(
-      `--self-address (${SETTINGS.selfAddress.env}) must be one of the --peers addresses (${peers.join(', ')}), not '${config.selfAddress}'`,
-    );
+  if (peers.length > 0 && config.selfAddress === '') {
+    throw new ConfigError(`--peers needs --self-address (${SETTINGS.selfAddress.env}): this replica's own address, as written in --peers`);
   }
 }
 

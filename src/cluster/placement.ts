@@ -46,15 +46,21 @@ export class Placement {
   readonly #owners = new Map<string, number>();
 
   /**
-   * `peers` are the replicas' addresses in ordinal order and `self` this replica's address among
-   * them; no peers means a single server that owns every module. `holds` says whether this
-   * replica has a module of that name.
+   * `peers` are the replicas' addresses in ordinal order and `self` this replica's address; no
+   * peers means a single server that owns every module. A replica that is not among its peers
+   * owns nothing: it is being scaled away and serves only reads and deletes of the copies it
+   * holds until they have moved (docs/scale-out.md). `holds` says whether this replica has a
+   * module of that name.
    */
   constructor(peers: readonly string[], self: string, holds: (name: string) => boolean) {
     this.#peers = [...peers];
     this.#self = peers.length === 0 ? 0 : peers.indexOf(self);
-    if (this.#self < 0) throw new Error(`this replica's address ${self} is not among the peers ${peers.join(',')}`);
     this.#holds = holds;
+  }
+
+  /** False for a replica outside its own peers list, which owns no module. */
+  get owns(): boolean {
+    return this.#self >= 0;
   }
 
   get replicas(): number {
@@ -78,11 +84,12 @@ export class Placement {
 
   /** Throws BN_ERR_NOT_OWNER, naming the owner's address, when this replica may not serve `name`. */
   check(name: string, locality: Locality): void {
-    if (this.#peers.length <= 1) return;
+    if (this.#peers.length <= 1 && this.#self === 0) return;
     const owner = this.ownerOf(name);
     if (owner === this.#self || (locality === 'held' && this.#holds(name))) return;
     const address = this.#peers[owner]!;
-    throw bnError('BN_ERR_NOT_OWNER', { name, owner: address, index: owner, self: this.#peers[this.#self]!, replicas: this.#peers.length }).with({
+    const self = this.#peers[this.#self] ?? 'a replica outside the peers list';
+    throw bnError('BN_ERR_NOT_OWNER', { name, owner: address, index: owner, self, replicas: this.#peers.length }).with({
       owner: address,
       owner_index: String(owner),
       replicas: String(this.#peers.length),

@@ -174,7 +174,8 @@ export async function startServer(
   logger.info({ tls: config.tlsCert !== '', mutual_tls: config.tlsClientCa !== '', authentication: auth.enabled }, 'transport security');
   const metricsServer = await metrics.serve(config.host, config.metricsPort);
   const healthServer = config.healthPort === 0 ? undefined : await serveHealthOnly(health, host, config.healthPort);
-  logger.info({ peers: placement.peers, self: config.selfAddress || undefined, replicas: placement.replicas }, 'placement');
+  logger.info({ peers: placement.peers, self: config.selfAddress || undefined, replicas: placement.replicas, owns: placement.owns }, 'placement');
+  if (!placement.owns) logger.warn({ self: config.selfAddress }, 'this replica is not among its peers: it owns no module and serves only reads and deletes of the copies it holds');
   for (const s of services) health.setStatus(s, 'SERVING');
 
   let closing: Promise<void> | undefined;

@@ -195,10 +195,12 @@ describe('normserve-rebalance across a resize of replica processes', () => {
     const afterTraining = await snapshot(three, trained);
     three.close();
 
-    // Scale down: the two that stay restart with two addresses; the third keeps running until
-    // its modules have moved away (--from), then goes.
-    await Promise.all(running.slice(0, 2).map((r) => r.stop()));
-    running = [...(await start(2, two)), running[2]!];
+    // Scale down as the chart does it: all three restart with the two addresses that stay; the
+    // third, outside the list, owns nothing and only gives up what it holds (--from).
+    await Promise.all(running.map((r) => r.stop()));
+    running = await start(3, two);
+    expect(running[2]!.lines.find((l) => l.msg === 'placement')).toMatchObject({ owns: false });
+    expect((await rejection(direct[2]!.createModule('new/one', { kind: 'BATCH_NORM_1D', numFeatures: 1 }))).reason).toBe('BN_ERR_NOT_OWNER');
     const down = await runNode(REBALANCE, ['--peers', two.join(','), '--from', addresses[2]!]);
     expect(down.code).toBe(0);
     expect(await names(direct[2]!)).toEqual([]);

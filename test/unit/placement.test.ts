@@ -93,8 +93,13 @@ describe('Placement', () => {
     }
   });
 
-  it('refuses to start when it is not among its peers', () => {
-    expect(() => new Placement(peers, 'h9:1', () => false)).toThrow(/not among the peers/);
+  it('owns nothing outside its peers list, while it still serves reads and deletes of what it holds', () => {
+    const held = new Set([mine[0]!]);
+    const p = new Placement(peers, 'h3:1', (n) => held.has(n));
+    expect(p.owns).toBe(false);
+    expect(() => p.check(mine[0]!, 'held')).not.toThrow();
+    expect(() => p.check(mine[0]!, 'owner')).toThrow(`module '${mine[0]}' belongs to replica 1 of 3 at h1:1, not to this one (a replica outside the peers list)`);
+    expect(() => new Placement(['only:1'], 'other:1', () => false).check('x', 'owner')).toThrow(/belongs to replica 0 of 1 at only:1/);
   });
 });
 
@@ -117,8 +122,10 @@ describe('peer lists', () => {
   it('is checked with the other settings at start', () => {
     const load = (env: NodeJS.ProcessEnv) => () => loadConfig([], env);
     expect(load({ NORMSERVE_PEERS: 'a:1,b:1', NORMSERVE_SELF_ADDRESS: 'b:1' })()).toMatchObject({ peers: 'a:1,b:1', selfAddress: 'b:1' });
-    expect(load({ NORMSERVE_PEERS: 'a:1,b:1', NORMSERVE_SELF_ADDRESS: 'c:1' })).toThrow(ConfigError);
-    expect(load({ NORMSERVE_PEERS: 'a:1,b:1' })).toThrow(/--self-address \(NORMSERVE_SELF_ADDRESS\) must be one of the --peers addresses \(a:1, b:1\), not ''/);
+    // Outside the list: a replica being scaled away (it owns nothing).
+    expect(load({ NORMSERVE_PEERS: 'a:1,b:1', NORMSERVE_SELF_ADDRESS: 'c:1' })()).toMatchObject({ selfAddress: 'c:1' });
+    expect(load({ NORMSERVE_PEERS: 'a:1,b:1' })).toThrow(ConfigError);
+    expect(load({ NORMSERVE_PEERS: 'a:1,b:1' })).toThrow("--peers needs --self-address (NORMSERVE_SELF_ADDRESS): this replica's own address, as written in --peers");
     expect(load({ NORMSERVE_SELF_ADDRESS: 'a:1' })).toThrow('--self-address is only meaningful with --peers');
     expect(load({ NORMSERVE_PEERS: 'a:1,a' })).toThrow("invalid --peers (NORMSERVE_PEERS): peer address 'a' is not host:port");
   });
