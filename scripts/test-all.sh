@@ -11,8 +11,9 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo -n "$@"; fi; }
 
 log "apt-get update"
 as_root apt-get update -q >&2
-# openssl: the security tests make their own certificates.
-as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl >&2
+# openssl: the security tests make their own certificates. yamllint: the chart checks. python3: the
+# placement test runs the documented owner rule in Python.
+as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends openssl yamllint python3 >&2
 # Xvfb, xauth and the toolchain and X11/GL headers that gl's native build needs.
 bash scripts/setup-headlessgl.sh
 log "npm ci"

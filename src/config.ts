@@ -223,6 +223,41 @@ export const SETTINGS = {
 } as const;
 
 type Settings = typeof SETTINGS;
+
+/**
+ * The settings the Helm chart sets itself, and from which of its values. Every other setting
+ * is `config.<name>` in helm/normserve/values.yaml, with the same default.
+ */
+export const CHART_MANAGED: Readonly<Partial<Record<keyof Settings, string>>> = {
+  port: 'ports.grpc',
+  healthPort: 'ports.health',
+  metricsPort: 'ports.metrics',
+  dataDir: 'persistence.mountPath',
+  peers: 'replicaCount, placement.replicas',
+  selfAddress: "(the pod's own address)",
+  tlsCert: 'tls.enabled, tls.secretName',
+  tlsKey: 'tls.enabled, tls.secretName',
+  tlsClientCa: 'tls.clientAuth',
+  authTokensFile: 'auth.enabled, auth.existingSecret',
+};
+
+/**
+ * The JSON schema of values.yaml's `config`: each setting the chart does not set itself, with its
+ * constraints, default and description (scripts/update-doc-tables.mjs writes it into
+ * helm/normserve/values.schema.json).
+ */
+export function chartConfigSchema(): Record<string, unknown> {
+  const properties: Record<string, unknown> = {};
+  for (const [key, s] of Object.entries(SETTINGS)) {
+    if (key in CHART_MANAGED) continue;
+    const { $schema: _, ...json } = z.toJSONSchema(s.schema as z.ZodType, { io: 'input' }) as Record<string, unknown>;
+    properties[key] = { ...json, default: s.default, description: s.description };
+  }
+  return { type: 'object', additionalProperties: false, required: Object.keys(properties), properties };
+}
+
+/** Where the chart's values.yaml sets a setting. */
+export const helmValue = (key: keyof Settings): string => CHART_MANAGED[key] ?? `config.${key}`;
 export type Config = { -readonly [K in keyof Settings]: z.infer<Settings[K]['schema']> };
 
 export class ConfigError extends Error {
