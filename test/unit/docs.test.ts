@@ -44,3 +44,11 @@ describe('docs/configuration.md', () => {
     expect(rows).toEqual(expected);
   });
 });
+
+describe('docs/operations.md', () => {
+  it('says what every metric of docs/metrics.md means in operation', () => {
+    const metrics = tableRows('docs/metrics.md', 'metric').map((r) => r[0]!);
+    const operations = tableRows('docs/operations.md', 'metric').map((r) => r[0]!).join(', ');
+    for (const m of metrics) expect(operations, m).toContain(m);
+  });
+});
