@@ -1,9 +1,14 @@
 /** normserve's public surface: the client, and the pieces to embed a server. */
 export { NormserveClient, NormserveClientError } from './client/client.js';
+export { RemoteBatchNorm, RemoteSyncBatchNorm, type ForwardOptions, type RemoteOutput, type SyncPlace } from './client/remote-batch-norm.js';
+export type { AutoSharedMemory } from './client/auto-shm.js';
 export { SharedMemoryFile } from './client/shared-memory.js';
 export type {
   BufferName,
+  CallOptions,
   ClientOptions,
+  FieldViolation,
+  RetryPolicy,
   Gradients,
   LoadOptions,
   LoadResult,

@@ -21,11 +21,15 @@ import type { ModuleState, ModuleState__Output } from '../generated/normserve/v1
 import type { Tensor__Output } from '../generated/normserve/v1/Tensor.js';
 import type { ModuleKind } from '../nn/config.js';
 import type { StateDict } from '../nn/state-dict.js';
-import { ErrorInfo, RpcStatus, grpcObject } from '../wire/proto.js';
+import { grpcObject } from '../wire/proto.js';
+import { NormserveClientError } from './errors.js';
+
+export { NormserveClientError, type FieldViolation } from './errors.js';
 import { encodeTensor } from '../wire/tensor-codec.js';
 import { clientChannelOptions } from '../wire/transport.js';
 import { ownerIndex } from '../cluster/placement.js';
 import type { SharedMemoryFile } from './shared-memory.js';
+import { RegionPool, type AutoSharedMemory } from './auto-shm.js';
 
 /** A state_dict; an absent key is one the module does not have (None). */
 export type { ModuleKind, StateDict };
@@ -129,8 +133,16 @@ export interface ClientOptions {
   streamChunkBytes?: number;
   /** HTTP/2 flow-control window of the client's end, in bytes (default 16 MiB; 65535 keeps HTTP/2's default). */
   flowControlWindow?: number;
-  /** Deadline for each call, in milliseconds; none by default. */
+  /** Deadline of each call, in milliseconds, over all its attempts; none by default. */
   deadlineMs?: number;
+  /**
+   * Retries of calls answered UNAVAILABLE, the one status that means "try again" (default: 4
+   * attempts, backoff from 50 ms doubling to 1 s, with jitter; false: none). A call the server
+   * refused unchanged (a catalogue reason such as BN_ERR_SHUTTING_DOWN) is always retried; after
+   * a transport failure, when the server may have acted, only calls that are safe to repeat are
+   * (reads, and SyncBatchNorm calls, whose steps the server deduplicates).
+   */
+  retry?: RetryPolicy | false;
   /**
    * The replicas' addresses in ordinal order (the server's --peers; statefulSetPeers() builds
    * them for the Helm chart). Calls on a module go straight to its owner by the rule of
@@ -140,40 +152,13 @@ export interface ClientOptions {
   peers?: readonly string[];
   /** Follow BN_ERR_NOT_OWNER to the owner it names (default true). */
   followOwner?: boolean;
-}
-
-/** A failed call: the gRPC status plus normserve's reason code and PyTorch's exception class. */
-export class NormserveClientError extends Error {
-  override readonly name = 'NormserveClientError';
-  /** The gRPC status code. */
-  readonly code: number;
-  /** The catalogue code (docs/errors.md), e.g. BN_ERR_INPUT_RANK; undefined for transport errors. */
-  readonly reason: string | undefined;
-  /** ValueError, RuntimeError or AttributeError where PyTorch raises for the same call. */
-  readonly pythonType: string | undefined;
-  /** google.rpc.ErrorInfo's metadata, e.g. `owner` (the owner's address) with BN_ERR_NOT_OWNER. */
-  readonly info: Readonly<Record<string, string>>;
-  readonly metadata: Metadata | undefined;
-
-  constructor(err: ServiceError) {
-    super(err.details || err.message);
-    this.code = err.code;
-    this.metadata = err.metadata;
-    const info = decodeErrorInfo(err.metadata);
-    this.reason = info?.reason;
-    this.pythonType = info?.metadata.python_type;
-    this.info = info?.metadata ?? {};
-  }
-}
-
-function decodeErrorInfo(metadata: Metadata | undefined): { reason: string; metadata: Record<string, string> } | undefined {
-  const raw = metadata?.get('grpc-status-details-bin')[0];
-  if (!(raw instanceof Buffer)) return undefined;
-  const status = RpcStatus.toObject(RpcStatus.decode(raw)) as { details?: { type_url: string; value: Uint8Array }[] };
-  const any = status.details?.find((d) => d.type_url.endsWith('/google.rpc.ErrorInfo'));
-  if (!any) return undefined;
-  const info = ErrorInfo.toObject(ErrorInfo.decode(any.value)) as { reason: string; metadata?: Record<string, string> };
-  return { reason: info.reason, metadata: info.metadata ?? {} };
+  /**
+   * Shared memory chosen by size and locality: Forward and Backward to a replica on a loopback
+   * address move tensors above `aboveBytes` through files under `dir` (the server's --shm-dir),
+   * registered once and reused; a replica that refuses regions is served over the wire. Call
+   * `close()` to unregister them and remove the files.
+   */
+  sharedMemory?: AutoSharedMemory;
 }
 
 /** How a tensor travels: inside one message, or streamed in chunks (default: streamed above `streamAboveBytes`). */
@@ -278,6 +263,36 @@ export type ServingStatus = 'UNKNOWN' | 'SERVING' | 'NOT_SERVING' | 'SERVICE_UNK
 const stepFields = (ref: StepRef) => ({ step: String(ref.step), rank: ref.rank, world_size: ref.worldSize });
 const f64 = (values: number[]) => Float64Array.from(values);
 
+export interface RetryPolicy {
+  maxAttempts?: number;
+  initialBackoffMs?: number;
+  maxBackoffMs?: number;
+}
+
+/** Per call: a deadline of its own, over all its attempts. */
+export interface CallOptions {
+  deadlineMs?: number;
+}
+
+/** Calls that give the same result when repeated, so a transport failure may be retried. */
+const SAFE_TO_REPEAT = new Set([
+  'Check',
+  'GetModule',
+  'ListModules',
+  'GetState',
+  'ListRegions',
+  'UpdateModule',
+  'LoadState',
+  'ResetRunningStats',
+  'ResetParameters',
+  'SyncForward',
+  'SyncBackward',
+  'GatherStats',
+  'ReduceGrads',
+]);
+
+const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
+
 /** The stubs of one replica, sharing one channel. */
 interface Endpoint {
   readonly modules: BatchNormServiceClient;
@@ -303,10 +318,13 @@ export class NormserveClient {
   readonly #streamAboveBytes: number;
   readonly #streamChunkBytes: number;
   readonly #followOwner: boolean;
+  readonly #retry: Required<RetryPolicy>;
+  readonly #regions: RegionPool | undefined;
 
   constructor(address: string, options: ClientOptions = {}) {
     this.#address = address;
     this.#followOwner = options.followOwner ?? true;
+    this.#retry = options.retry === false ? { maxAttempts: 1, initialBackoffMs: 0, maxBackoffMs: 0 } : { maxAttempts: 4, initialBackoffMs: 50, maxBackoffMs: 1000, ...options.retry };
     this.#peers = [...(options.peers ?? [])];
     this.#credentials = options.credentials ?? grpcCredentials.createInsecure();
     this.#channelOptions = { ...clientChannelOptions(options.flowControlWindow), ...options.channelOptions };
@@ -314,10 +332,21 @@ export class NormserveClient {
     this.#token = options.token;
     this.#streamAboveBytes = options.streamAboveBytes ?? 32 * 1024 * 1024;
     this.#streamChunkBytes = options.streamChunkBytes ?? 1024 * 1024;
+    this.#regions =
+      options.sharedMemory &&
+      new RegionPool(
+        { aboveBytes: 1024 * 1024, ...options.sharedMemory },
+        {
+          register: (at, name, path, byteSize) => this.#callOn(this.#endpoint(at).modules, 'RegisterRegion', { name, path, offset: '0', byte_size: String(byteSize) }, undefined),
+          unregister: (at, name) => this.#callOn(this.#endpoint(at).modules, 'UnregisterRegion', { name }, undefined),
+        },
+      );
     this.#endpoint(address);
   }
 
-  close(): void {
+  /** Closes the channels, after unregistering and removing automatic shared-memory regions. */
+  async close(): Promise<void> {
+    await this.#regions?.close();
     for (const e of this.#endpoints.values()) e.modules.close();
   }
 
@@ -343,23 +372,41 @@ export class NormserveClient {
   }
 
   /**
-   * Runs `attempt` against the replica that owns `name`; when that replica answers
-   * BN_ERR_NOT_OWNER (the client's peers are out of date, or it knows none), once more against
-   * the owner it names. The refused call changed nothing, so repeating it is safe.
+   * Runs `attempt` against the replica that owns `name`. When that replica answers
+   * BN_ERR_NOT_OWNER (the client's peers are out of date, or it knows none), runs it once more
+   * against the owner it names: the refused call changed nothing. When a call is answered
+   * UNAVAILABLE, retries it with backoff as the retry policy says. One deadline covers it all.
    */
-  async #routed<T>(name: string | undefined, attempt: (endpoint: Endpoint) => Promise<T>): Promise<T> {
+  async #routed<T>(name: string | undefined, method: string, attempt: (endpoint: Endpoint, deadline: number | undefined) => Promise<T>, deadlineMs = this.#deadlineMs): Promise<T> {
+    const deadline = deadlineMs === undefined ? undefined : Date.now() + deadlineMs;
     let address = name === undefined ? this.#address : this.addressFor(name);
-    for (let hop = 0; ; hop++) {
+    for (let hop = 0, tries = 1; ; ) {
       try {
-        return await attempt(this.#endpoint(address));
+        return await attempt(this.#endpoint(address), deadline);
       } catch (err) {
-        const owner = err instanceof NormserveClientError && err.reason === 'BN_ERR_NOT_OWNER' ? err.info.owner : undefined;
-        if (!this.#followOwner || name === undefined || owner === undefined || owner === address || hop >= 2) throw err;
-        if (this.#owners.size >= LEARNT_OWNERS_LIMIT) this.#owners.clear();
-        this.#owners.set(name, owner);
-        address = owner;
+        if (!(err instanceof NormserveClientError)) throw err;
+        const owner = err.reason === 'BN_ERR_NOT_OWNER' ? err.info.owner : undefined;
+        if (this.#followOwner && name !== undefined && owner !== undefined && owner !== address && hop < 2) {
+          hop++;
+          if (this.#owners.size >= LEARNT_OWNERS_LIMIT) this.#owners.clear();
+          this.#owners.set(name, owner);
+          address = owner;
+          continue;
+        }
+        const backoff = this.#backoff(err, method, tries, deadline);
+        if (backoff === undefined) throw err;
+        tries++;
+        await sleep(backoff);
       }
     }
+  }
+
+  /** How long to wait before retrying a failed call, or undefined not to retry it. */
+  #backoff(err: NormserveClientError, method: string, tries: number, deadline: number | undefined): number | undefined {
+    if (err.code !== 14 /* UNAVAILABLE */ || tries >= this.#retry.maxAttempts) return undefined;
+    if (!err.refusedUnchanged && !SAFE_TO_REPEAT.has(method)) return undefined;
+    const ms = Math.min(this.#retry.maxBackoffMs, this.#retry.initialBackoffMs * 2 ** (tries - 1)) * (0.5 + Math.random() / 2);
+    return deadline !== undefined && Date.now() + ms >= deadline ? undefined : ms;
   }
 
   /** grpc.health.v1 Check: '' is the whole server, 'normserve.v1.BatchNormService' the module API. */
@@ -447,29 +494,27 @@ export class NormserveClient {
    * module(input): the output has the input's shape. With `saveForBackward`, the server keeps what
    * backward needs and `contextId` names it.
    */
-  async forward(name: string, input: TensorData, options: { saveForBackward?: boolean } & TransportChoice = {}): Promise<TensorData & { contextId: string }> {
+  async forward(name: string, input: TensorData, options: { saveForBackward?: boolean } & TransportChoice & CallOptions = {}): Promise<TensorData & { contextId: string }> {
     const { tensor, response } = await this.#tensorCall<{ context_id: string }>(
       'Forward',
       { name, save_for_backward: options.saveForBackward ?? false },
       ['input', input],
       'output',
       'modules',
-      options.transport,
-      options.region,
+      options,
     );
     return { ...tensor, contextId: response.context_id };
   }
 
   /** The gradients of a saved forward; parameter gradients only for affine modules. */
-  async backward(name: string, contextId: string, gradOutput: TensorData, options: { retainContext?: boolean } & TransportChoice = {}): Promise<Gradients> {
+  async backward(name: string, contextId: string, gradOutput: TensorData, options: { retainContext?: boolean } & TransportChoice & CallOptions = {}): Promise<Gradients> {
     const { tensor, response: r } = await this.#tensorCall<{ grad_weight?: Tensor__Output | null; grad_bias?: Tensor__Output | null }>(
       'Backward',
       { name, context_id: contextId, retain_context: options.retainContext ?? false },
       ['grad_output', gradOutput],
       'grad_input',
       'modules',
-      options.transport,
-      options.region,
+      options,
     );
     return {
       gradInput: tensor,
@@ -483,7 +528,7 @@ export class NormserveClient {
     name: string,
     ref: StepRef,
     input: TensorData,
-    options: { saveForBackward?: boolean } & TransportChoice = {},
+    options: { saveForBackward?: boolean } & Pick<TransportChoice, 'transport'> & CallOptions = {},
   ): Promise<{ output: TensorData; contextId: string } & StepStats> {
     const { tensor, response: r } = await this.#tensorCall<{ context_id: string; count: string; mean: number[]; invstd: number[]; synced: boolean }>(
       'SyncForward',
@@ -491,7 +536,7 @@ export class NormserveClient {
       ['input', input],
       'output',
       'sync',
-      options.transport,
+      options,
     );
     return { output: tensor, contextId: r.context_id, count: Number(r.count), mean: f64(r.mean), invstd: f64(r.invstd), synced: r.synced };
   }
@@ -502,7 +547,7 @@ export class NormserveClient {
     ref: StepRef,
     contextId: string,
     gradOutput: TensorData,
-    options: { retainContext?: boolean } & TransportChoice = {},
+    options: { retainContext?: boolean } & Pick<TransportChoice, 'transport'> & CallOptions = {},
   ): Promise<Gradients & { gradWeightTotal: Float32Array | null; gradBiasTotal: Float32Array | null }> {
     type Maybe = Tensor__Output | null | undefined;
     const { tensor, response: r } = await this.#tensorCall<{ grad_weight?: Maybe; grad_bias?: Maybe; grad_weight_total?: Maybe; grad_bias_total?: Maybe }>(
@@ -511,7 +556,7 @@ export class NormserveClient {
       ['grad_output', gradOutput],
       'grad_input',
       'sync',
-      options.transport,
+      options,
     );
     const vec = (t: Maybe) => (t ? tensorFromWire(t).data : null);
     return {
@@ -567,16 +612,16 @@ export class NormserveClient {
     return r.regions.map(regionFromWire);
   }
 
-  #call<T>(method: string, request: object, kind: ServiceKind = 'modules'): Promise<T> {
+  #call<T>(method: string, request: object, kind: ServiceKind = 'modules', deadlineMs?: number): Promise<T> {
     const named = (request as { name?: unknown }).name;
     const name = !UNROUTED.has(method) && typeof named === 'string' ? named : undefined;
-    return this.#routed(name, (endpoint) => this.#callOn<T>(endpoint[kind], method, request));
+    return this.#routed(name, method, (endpoint, deadline) => this.#callOn<T>(endpoint[kind], method, request, deadline), deadlineMs);
   }
 
-  #callOn<T>(stub: object, method: string, request: object): Promise<T> {
+  #callOn<T>(stub: object, method: string, request: object, deadline: number | undefined): Promise<T> {
     const fn = (stub as Record<string, Function>)[method]!;
     return new Promise<T>((resolve, reject) => {
-      fn.call(stub, request, this.#metadata(), this.#callOptions(), (err: ServiceError | null, response: T) =>
+      fn.call(stub, request, this.#metadata(), deadline === undefined ? {} : { deadline }, (err: ServiceError | null, response: T) =>
         err ? reject(new NormserveClientError(err)) : resolve(response),
       );
     });
@@ -586,10 +631,6 @@ export class NormserveClient {
     const metadata = new GrpcMetadata();
     if (this.#token !== undefined) metadata.set('authorization', `Bearer ${this.#token}`);
     return metadata;
-  }
-
-  #callOptions(): { deadline?: number } {
-    return this.#deadlineMs === undefined ? {} : { deadline: Date.now() + this.#deadlineMs };
   }
 
   /**
@@ -602,9 +643,22 @@ export class NormserveClient {
     [inField, input]: [string, TensorData],
     outField: string,
     kind: ServiceKind,
-    transport: Transport | undefined,
-    region?: RegionUse,
+    { transport, region, deadlineMs }: TransportChoice & CallOptions,
   ): Promise<{ tensor: TensorData; response: R }> {
+    const named = (request as { name?: unknown }).name;
+    if (!region && transport === undefined && kind === 'modules' && typeof named === 'string') {
+      const address = this.addressFor(named);
+      if (this.#regions?.wants(address, input.data.byteLength)) {
+        const lease = await this.#regions.lease(address, input.data.byteLength);
+        if (lease) {
+          try {
+            return await this.#tensorCall<R>(method, request, [inField, input], outField, kind, { region: lease.use, deadlineMs });
+          } finally {
+            lease.release();
+          }
+        }
+      }
+    }
     if (region) {
       const start = region.fileOffset ?? 0;
       region.file.write(start + region.inputOffset, input.data);
@@ -617,6 +671,7 @@ export class NormserveClient {
           [`${outField}_region`]: { region: region.name, offset: String(region.outputOffset) },
         },
         kind,
+        deadlineMs,
       );
       const t = r[outField] as Tensor__Output;
       const shape = t.shape.map(Number);
@@ -625,16 +680,28 @@ export class NormserveClient {
     }
     const streamed = transport === 'stream' || (transport === undefined && input.data.byteLength > this.#streamAboveBytes);
     if (!streamed) {
-      const r = await this.#call<Record<string, unknown>>(method, { ...request, [inField]: encodeTensor(input.shape, input.data) }, kind);
+      const r = await this.#call<Record<string, unknown>>(method, { ...request, [inField]: encodeTensor(input.shape, input.data) }, kind, deadlineMs);
       return { tensor: tensorFromWire(r[outField] as Tensor__Output), response: r as R };
     }
-    const named = (request as { name?: unknown }).name;
-    return this.#routed(typeof named === 'string' ? named : undefined, (endpoint) => this.#stream<R>(endpoint[kind], method, request, input, inField, outField));
+    return this.#routed(
+      typeof named === 'string' ? named : undefined,
+      method,
+      (endpoint, deadline) => this.#stream<R>(endpoint[kind], method, request, input, inField, outField, deadline),
+      deadlineMs,
+    );
   }
 
   /** The streamed form of a tensor call, on one replica. */
-  #stream<R>(stub: object, method: string, request: object, input: TensorData, inField: string, outField: string): Promise<{ tensor: TensorData; response: R }> {
-    const call = (stub as Record<string, Function>)[`${method}Stream`]!.call(stub, this.#metadata(), this.#callOptions()) as ClientDuplexStream<object, StreamPart>;
+  #stream<R>(
+    stub: object,
+    method: string,
+    request: object,
+    input: TensorData,
+    inField: string,
+    outField: string,
+    deadline: number | undefined,
+  ): Promise<{ tensor: TensorData; response: R }> {
+    const call = (stub as Record<string, Function>)[`${method}Stream`]!.call(stub, this.#metadata(), deadline === undefined ? {} : { deadline }) as ClientDuplexStream<object, StreamPart>;
     return new Promise((resolve, reject) => {
       let head: Record<string, unknown> | undefined;
       let out: Float32Array | undefined;
