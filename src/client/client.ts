@@ -5,6 +5,7 @@
  */
 import {
   credentials as grpcCredentials,
+  status as grpcStatus,
   makeGenericClientConstructor,
   Metadata as GrpcMetadata,
   type ChannelCredentials,
@@ -223,6 +224,20 @@ function tensorFromWire(t: Tensor__Output | null | undefined): TensorData {
   return { shape: t.shape.map(Number), data };
 }
 
+/** The configuration a module was created with, as createModule takes it (to recreate or compare it). */
+export function specOf(info: ModuleInfo): ModuleSpec {
+  return {
+    kind: info.kind,
+    numFeatures: info.numFeatures,
+    eps: info.eps,
+    momentum: info.momentum,
+    affine: info.affine,
+    trackRunningStats: info.builtWithRunningStats,
+    worldSize: info.worldSize,
+    syncRule: info.syncRule,
+  };
+}
+
 function moduleFromWire(m: Module__Output): ModuleInfo {
   const c = m.config!;
   return {
@@ -403,7 +418,7 @@ export class NormserveClient {
 
   /** How long to wait before retrying a failed call, or undefined not to retry it. */
   #backoff(err: NormserveClientError, method: string, tries: number, deadline: number | undefined): number | undefined {
-    if (err.code !== 14 /* UNAVAILABLE */ || tries >= this.#retry.maxAttempts) return undefined;
+    if (err.code !== grpcStatus.UNAVAILABLE || tries >= this.#retry.maxAttempts) return undefined;
     if (!err.refusedUnchanged && !SAFE_TO_REPEAT.has(method)) return undefined;
     const ms = Math.min(this.#retry.maxBackoffMs, this.#retry.initialBackoffMs * 2 ** (tries - 1)) * (0.5 + Math.random() / 2);
     return deadline !== undefined && Date.now() + ms >= deadline ? undefined : ms;

@@ -5,7 +5,7 @@
  * contexts; `train()`/`eval()` and the state_dict as PyTorch has them. Every call goes through
  * a `NormserveClient`, with its routing, retries, deadlines and transport choice.
  */
-import type { CallOptions, Gradients, LoadOptions, LoadResult, ModuleInfo, ModuleSpec, NormserveClient, StateDict, StepStats, TensorData, Transport } from './client.js';
+import { specOf, type CallOptions, type Gradients, type LoadOptions, type LoadResult, type ModuleInfo, type ModuleSpec, type NormserveClient, type StateDict, type StepStats, type TensorData, type Transport } from './client.js';
 import { NormserveClientError } from './errors.js';
 
 /** A forward's output; when the forward saved its context, `backward` runs the matching backward, once. */
@@ -101,19 +101,6 @@ async function createOrAttach(client: NormserveClient, name: string, spec: Modul
     if (differs.length > 0) throw new Error(`normserve client: module '${name}' exists with another ${differs.join(', ')}; delete it or use another name`);
     return info;
   }
-}
-
-function specOf(info: ModuleInfo): ModuleSpec {
-  return {
-    kind: info.kind,
-    numFeatures: info.numFeatures,
-    eps: info.eps,
-    momentum: info.momentum,
-    affine: info.affine,
-    trackRunningStats: info.builtWithRunningStats,
-    worldSize: info.worldSize,
-    syncRule: info.syncRule,
-  };
 }
 
 /** BatchNorm1d/2d/3d on the service. */

@@ -11,7 +11,7 @@
  * for retries. Resize between training steps (docs/scale-out.md).
  */
 import type { ClientOptions, ModuleInfo, StateDict } from '../client/client.js';
-import { NormserveClient, NormserveClientError } from '../client/client.js';
+import { NormserveClient, NormserveClientError, specOf } from '../client/client.js';
 import { ownerIndex } from './placement.js';
 
 export interface RebalanceOptions {
@@ -131,16 +131,7 @@ async function move(
 
 /** Recreates a module from what GetModule and GetState tell about it. */
 async function write(client: NormserveClient, name: string, { info, state }: Copy): Promise<void> {
-  await client.createModule(name, {
-    kind: info.kind,
-    numFeatures: info.numFeatures,
-    eps: info.eps,
-    momentum: info.momentum,
-    affine: info.affine,
-    trackRunningStats: info.builtWithRunningStats,
-    worldSize: info.worldSize,
-    syncRule: info.syncRule,
-  });
+  await client.createModule(name, specOf(info));
   const cleared = [
     ...(info.hasRunningMean ? [] : (['running_mean'] as const)),
     ...(info.hasRunningVar ? [] : (['running_var'] as const)),
