@@ -14,7 +14,8 @@ execFileSync(
     'node_modules/@grpc/proto-loader/build/bin/proto-loader-gen-types.js',
     '--grpcLib=@grpc/grpc-js', '--longs=String', '--enums=String', '--defaults', '--oneofs',
     '--keepCase', '--includeDirs=proto', `--outDir=${outDir}`,
-    'normserve/v1/batch_norm.proto', 'normserve/v1/sync_batch_norm.proto', 'google/rpc/status.proto', 'google/rpc/error_details.proto',
+    'normserve/v1/batch_norm.proto', 'normserve/v1/sync_batch_norm.proto', 'inference/grpc_predict_v2.proto',
+    'google/rpc/status.proto', 'google/rpc/error_details.proto',
   ],
   { stdio: 'inherit' },
 );

@@ -69,6 +69,40 @@ export const catalogue = {
     template: '{field} has {elements} elements, over the limit max_tensor_elements={limit}',
   },
 
+  // The Open Inference Protocol (inference.GRPCInferenceService, docs/inference.md)
+  BN_ERR_INFER_MODEL_NOT_FOUND: {
+    status: Status.NOT_FOUND,
+    template: "model '{name}' not found: models are this server's modules, and none is named so (ModelReady tells whether one is)",
+  },
+  BN_ERR_INFER_VERSION: {
+    status: Status.NOT_FOUND,
+    template: "model '{name}' has no version '{version}': its one version is '1' (an empty version means '1')",
+  },
+  BN_ERR_INFER_INPUTS: {
+    status: Status.INVALID_ARGUMENT,
+    template: "model '{name}' takes one input, named 'input' (ModelMetadata lists it); the request has {detail}",
+  },
+  BN_ERR_INFER_OUTPUT: {
+    status: Status.INVALID_ARGUMENT,
+    template: "model '{name}' has one output, named 'output'; the request asks for '{output}'",
+  },
+  BN_ERR_INFER_DATATYPE: {
+    status: Status.INVALID_ARGUMENT,
+    template: "input 'input' has datatype '{datatype}'; model '{name}' takes FP32",
+  },
+  BN_ERR_INFER_CONTENTS: {
+    status: Status.INVALID_ARGUMENT,
+    template: "input 'input' {detail}; send its data either as raw_input_contents[0] (FP32, little-endian) or as contents.fp32_contents",
+  },
+  BN_ERR_INFER_DATA_SIZE: {
+    status: Status.INVALID_ARGUMENT,
+    template: "{where} has {given}, but input 'input' of shape [{shape}] and datatype FP32 needs {expected}",
+  },
+  BN_ERR_INFER_PARAMETER: {
+    status: Status.INVALID_ARGUMENT,
+    template: "{where} sets the parameter '{parameter}', but this server does not implement the {extension} extension; leave it out",
+  },
+
   // PyTorch's forward errors (batchnorm-semantics.md §2.4, §3)
   BN_ERR_INPUT_RANK: { status: Status.INVALID_ARGUMENT, template: 'expected {expected} input (got {rank}D input)', pythonType: 'ValueError' },
   BN_ERR_ZERO_CHANNELS: {

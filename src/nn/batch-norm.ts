@@ -65,6 +65,8 @@ export interface ForwardResult {
 
 /** §4 steps 2–4 for the module's current state (see BatchNorm.plan). */
 export interface ForwardPlan {
+  /** The mode the call runs in: the module's own, or eval for evalForward. */
+  readonly training: boolean;
   /** num_batches_tracked once this call commits. */
   readonly nbtAfter: bigint | null;
   /** The running-statistics update factor (momentum, or 1/nbt for momentum=None). */
@@ -173,7 +175,7 @@ export class BatchNorm {
    * pools with itself, which is plain BatchNorm.
    */
   needsSync(plan: ForwardPlan): boolean {
-    return this.#config.kind === 'SYNC_BATCH_NORM' && plan.bnTraining && (this.#config.syncRule === 'SYNC_WHEN_BATCH_STATS' || this.#training);
+    return this.#config.kind === 'SYNC_BATCH_NORM' && plan.bnTraining && (this.#config.syncRule === 'SYNC_WHEN_BATCH_STATS' || plan.training);
   }
 
   get className(): string {
@@ -286,21 +288,23 @@ export class BatchNorm {
   }
 
   /**
-   * The decisions of §4 steps 2–4 for the module as it is now: the counter after a training call,
-   * the update factor, whether batch statistics are used, and which buffers are passed.
+   * The decisions of §4 steps 2–4 for the module as it is now, in its own mode or in `training`'s:
+   * the counter after a training call, the update factor, whether batch statistics are used, and
+   * which buffers are passed.
    */
-  plan(): ForwardPlan {
+  plan(training = this.#training): ForwardPlan {
     let factor = this.#momentum ?? 0;
     let nbt = this.#nbt;
-    if (this.#training && this.#track && nbt !== null) {
+    if (training && this.#track && nbt !== null) {
       nbt += 1n;
       factor = this.#momentum ?? 1 / Number(nbt);
     }
-    const passBuffers = !this.#training || this.#track;
+    const passBuffers = !training || this.#track;
     return {
+      training,
       nbtAfter: nbt,
       factor,
-      bnTraining: this.#training || (this.#runningMean === null && this.#runningVar === null),
+      bnTraining: training || (this.#runningMean === null && this.#runningVar === null),
       runningMean: passBuffers ? this.#runningMean : null,
       runningVar: passBuffers ? this.#runningVar : null,
     };
@@ -338,10 +342,23 @@ export class BatchNorm {
    * module at once.
    */
   async forward(x: Float32Array, shape: readonly number[], kernels: Kernels, save = false, owned = false): Promise<ForwardResult> {
+    return this.#forward(this.plan(), x, shape, kernels, save, owned);
+  }
+
+  /**
+   * module.eval()(x) whatever mode the module is in, changing nothing (inference beside
+   * training): the running statistics where the module has them, else the batch's, as PyTorch
+   * does in eval. The checks, their order and their errors are forward's. Nothing changes because
+   * an eval plan moves no counter and updates no buffer, so forward's commits find nothing to do.
+   */
+  async evalForward(x: Float32Array, shape: readonly number[], kernels: Kernels): Promise<Float32Array> {
+    return (await this.#forward(this.plan(false), x, shape, kernels, false, false)).output;
+  }
+
+  async #forward(plan: ForwardPlan, x: Float32Array, shape: readonly number[], kernels: Kernels, save: boolean, owned: boolean): Promise<ForwardResult> {
     // 1. Rank: nothing has changed yet.
     this.checkRank(shape);
     // 2–4. The counter moves now, before the checks that can still fail (PyTorch does the same).
-    const plan = this.plan();
     const commitCounter = () => {
       if (this.#nbt === plan.nbtAfter) return;
       this.#nbt = plan.nbtAfter;

@@ -11,6 +11,7 @@ import { randomUUID } from 'node:crypto';
 import { Metadata, ServerInterceptingCall, status as grpcStatus, type ServerInterceptor } from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import type { Metrics } from './metrics.js';
+import { moduleNameOf } from './unary.js';
 
 export const REQUEST_ID = 'x-request-id';
 const USABLE_ID = /^[A-Za-z0-9._:-]{1,128}$/;
@@ -45,7 +46,8 @@ export function callLogInterceptor(logger: Logger, metrics?: Metrics): ServerInt
             nextMetadata(metadata);
           },
           onReceiveMessage: (message, nextMessage) => {
-            if (typeof message?.name === 'string') module = message.name;
+            const named = moduleNameOf(message);
+            if (named !== '') module = named;
             bytesIn += payloadBytes(message);
             nextMessage(message);
           },

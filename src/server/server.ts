@@ -1,6 +1,6 @@
 /**
- * The server: grpc-js with the BatchNorm service, grpc.health.v1 and reflection, bound to the
- * configured address; and its orderly shutdown.
+ * The server: grpc-js with the BatchNorm services, the Open Inference Protocol, grpc.health.v1 and
+ * reflection, bound to the configured address; and its orderly shutdown.
  */
 import { readFileSync } from 'node:fs';
 import { Server, ServerCredentials } from '@grpc/grpc-js';
@@ -18,6 +18,7 @@ import { bnError } from '../errors.js';
 import { Coordinator } from '../sync/coordinator.js';
 import { addBatchNormService } from './batch-norm-service.js';
 import { addSyncBatchNormService } from './sync-batch-norm-service.js';
+import { addInferenceService, INFERENCE_SERVICE_NAME } from './inference-service.js';
 import { Authenticator } from './auth.js';
 import { callLogInterceptor } from './call-log.js';
 import { Metrics } from './metrics.js';
@@ -131,6 +132,8 @@ export async function startServer(
   coordinator.restore(stored.steps);
   logger.info({ store: store.location, durability: config.durability, modules: stored.modules.length, steps: stored.steps.length }, 'state restored');
   let draining = false;
+  // Set with health SERVING: the state is restored and every port is up.
+  let serving = false;
   const auth = config.authTokensFile ? Authenticator.fromFile(config.authTokensFile) : Authenticator.disabled();
   const serviceDeps = {
     auth,
@@ -157,8 +160,9 @@ export async function startServer(
   };
   addBatchNormService(server, serviceDeps);
   addSyncBatchNormService(server, serviceDeps);
-  // Readiness: '' and the two APIs, NOT_SERVING until restored and again while draining.
-  const services = ['', BATCH_NORM_SERVICE_NAME, SYNC_SERVICE_NAME];
+  addInferenceService(server, { ...serviceDeps, ready: () => serving && !draining });
+  // Readiness: '' and the three APIs, NOT_SERVING until restored and again while draining.
+  const services = ['', BATCH_NORM_SERVICE_NAME, SYNC_SERVICE_NAME, INFERENCE_SERVICE_NAME];
   const health = new HealthImplementation({
     ...Object.fromEntries(services.map((s) => [s, 'NOT_SERVING' as const])),
     [LIVENESS_SERVICE_NAME]: 'SERVING',
@@ -177,6 +181,7 @@ export async function startServer(
   logger.info({ peers: placement.peers, self: config.selfAddress || undefined, replicas: placement.replicas, owns: placement.owns }, 'placement');
   if (!placement.owns) logger.warn({ self: config.selfAddress }, 'this replica is not among its peers: it owns no module and serves only reads and deletes of the copies it holds');
   for (const s of services) health.setStatus(s, 'SERVING');
+  serving = true;
 
   let closing: Promise<void> | undefined;
   const shutdown = (graceMs: number) => {

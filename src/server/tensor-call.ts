@@ -20,7 +20,7 @@ import type { Tensor, Tensor__Output } from '../generated/normserve/v1/Tensor.js
 import { copyBytes, decodeTensor, decodeTensorHeader, encodeTensor, type DecodedTensor, type TensorHeader } from '../wire/tensor-codec.js';
 import type { Ref, RegionRegistry } from './shared-memory.js';
 import { toServiceError } from './status.js';
-import { admit, authorize, type Admission, type CallContext, type Handler, type Requirement, type Scratch } from './unary.js';
+import { admit, authorize, moduleNameOf, type Admission, type CallContext, type Handler, type Requirement, type Scratch } from './unary.js';
 
 /** What a tensor call answers: the response without its tensor, and the tensor. */
 export interface TensorAnswer<Res> {
@@ -246,8 +246,7 @@ export function streamTensorHandler<Req, Res>(ctx: TensorCallContext, requiremen
         if (message.part === 'head') {
           if (req !== undefined) throw invalidStream('a second head arrived; a stream carries one call');
           req = message.head!;
-          const named = (req as { name?: unknown }).name;
-          authorize(ctx, principal, requirement, typeof named === 'string' ? named : '');
+          authorize(ctx, principal, requirement, moduleNameOf(req));
           const wire = (req as Record<string, unknown>)[op.inputField] as Tensor__Output | null | undefined;
           if (wire && wire.data.length > 0) throw invalidStream(`the head's ${op.inputField} carries data; send its bytes as chunks after the head`);
           op.check(req, () => (header = decodeTensorHeader(wire, decodeOptions(ctx, op.inputField))));

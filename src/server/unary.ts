@@ -48,6 +48,16 @@ export interface Admission {
 }
 
 /**
+ * The module a request names: `name` in normserve's messages, `model_name` in the Open Inference
+ * Protocol's ('' when neither is a string).
+ */
+export function moduleNameOf(request: unknown): string {
+  const r = request as { name?: unknown; model_name?: unknown } | null | undefined;
+  if (typeof r?.name === 'string') return r.name;
+  return typeof r?.model_name === 'string' ? r.model_name : '';
+}
+
+/**
  * Reads may be served by a replica that still holds a copy of the module, writes only by its
  * owner (Placement); `list` names no module.
  */
@@ -111,8 +121,7 @@ export function unaryWith(ctx: CallContext) {
     return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
       let admission: Admission;
       try {
-        const named = (call.request as { name?: unknown }).name;
-        admission = admit(ctx, call, (principal) => authorize(ctx, principal, requirement, typeof named === 'string' ? named : '', locality));
+        admission = admit(ctx, call, (principal) => authorize(ctx, principal, requirement, moduleNameOf(call.request), locality));
       } catch (err) {
         callback(toServiceError(err, ctx.logger));
         return;

@@ -10,6 +10,7 @@ import { loadSync, type Options } from '@grpc/proto-loader';
 import protobuf from 'protobufjs';
 import type { ProtoGrpcType } from '../generated/batch_norm.js';
 import type { ProtoGrpcType as SyncProtoGrpcType } from '../generated/sync_batch_norm.js';
+import type { ProtoGrpcType as InferenceProtoGrpcType } from '../generated/grpc_predict_v2.js';
 
 function findProtoDir(): string {
   let dir = dirname(fileURLToPath(import.meta.url));
@@ -22,9 +23,10 @@ function findProtoDir(): string {
   }
 }
 
-/** The directory holding normserve/v1/*.proto and google/rpc/*.proto. */
+/** The directory holding normserve/v1/*.proto, inference/*.proto and google/rpc/*.proto. */
 export const PROTO_DIR = findProtoDir();
-export const PROTO_FILES = ['normserve/v1/batch_norm.proto', 'normserve/v1/sync_batch_norm.proto'];
+/** normserve's own API, and the Open Inference Protocol (KServe v2) beside it (docs/inference.md). */
+export const PROTO_FILES = ['normserve/v1/batch_norm.proto', 'normserve/v1/sync_batch_norm.proto', 'inference/grpc_predict_v2.proto'];
 
 export const LOADER_OPTIONS: Options = {
   keepCase: true,
@@ -36,9 +38,10 @@ export const LOADER_OPTIONS: Options = {
 };
 
 export const packageDefinition = loadSync(PROTO_FILES, LOADER_OPTIONS);
-export const grpcObject = loadPackageDefinition(packageDefinition) as unknown as ProtoGrpcType & SyncProtoGrpcType & GrpcObject;
+export const grpcObject = loadPackageDefinition(packageDefinition) as unknown as ProtoGrpcType & SyncProtoGrpcType & InferenceProtoGrpcType & GrpcObject;
 export const batchNormService = grpcObject.normserve.v1.BatchNormService.service;
 export const syncBatchNormService = grpcObject.normserve.v1.SyncBatchNormService.service;
+export const inferenceService = grpcObject.inference.GRPCInferenceService.service;
 
 const rpcRoot = new protobuf.Root().loadSync(
   ['google/rpc/status.proto', 'google/rpc/error_details.proto'].map((p) => join(PROTO_DIR, p)),
