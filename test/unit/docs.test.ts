@@ -6,6 +6,7 @@ import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { SETTINGS } from '../../src/config.js';
 import { catalogue, Status } from '../../src/errors.js';
+import { API_DOC, renderApiDocs } from '../../scripts/api-docs.js';
 
 const STATUS_NAMES = Object.fromEntries(Object.entries(Status).map(([k, v]) => [v, k]));
 
@@ -50,5 +51,11 @@ describe('docs/operations.md', () => {
     const metrics = tableRows('docs/metrics.md', 'metric').map((r) => r[0]!);
     const operations = tableRows('docs/operations.md', 'metric').map((r) => r[0]!).join(', ');
     for (const m of metrics) expect(operations, m).toContain(m);
+  });
+});
+
+describe('docs/api.md', () => {
+  it('is the reference the protos generate (node dist/scripts/api-docs.js --write)', () => {
+    expect(readFileSync(API_DOC, 'utf8')).toBe(renderApiDocs());
   });
 });
