@@ -1,0 +1,39 @@
+"""normserve: PyTorch's BatchNorm modules computed by a normserve server.
+
+    import normserve
+    client = normserve.Client("localhost:50051")
+    model = normserve.convert_remote_batchnorm(model, client, prefix="resnet/")
+"""
+from normserve.client import (
+    Client,
+    ForwardResult,
+    Gradients,
+    LoadResult,
+    SyncForwardResult,
+    SyncGradients,
+)
+from normserve.convert import convert_remote_batchnorm
+from normserve.errors import RemoteAttributeError, RemoteError, RemoteRuntimeError, RemoteValueError
+from normserve.modules import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteBatchNorm3d, RemoteNorm
+from normserve.routing import owner_index
+from normserve.sync import RemoteSyncBatchNorm
+
+__all__ = [
+    "Client",
+    "ForwardResult",
+    "Gradients",
+    "LoadResult",
+    "RemoteAttributeError",
+    "RemoteBatchNorm1d",
+    "RemoteBatchNorm2d",
+    "RemoteBatchNorm3d",
+    "RemoteError",
+    "RemoteNorm",
+    "RemoteRuntimeError",
+    "RemoteSyncBatchNorm",
+    "RemoteValueError",
+    "SyncForwardResult",
+    "SyncGradients",
+    "convert_remote_batchnorm",
+    "owner_index",
+]

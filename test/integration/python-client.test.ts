@@ -1,0 +1,70 @@
+/**
+ * The Python client (clients/python) against real server processes: installs it the documented
+ * way into a fresh virtual environment over Debian's PyTorch and gRPC, then runs its pytest suite,
+ * which trains models with local and remote BatchNorm, runs SyncBatchNorm groups as separate
+ * processes, and checks routing across two replicas. Any pytest failure fails this test with
+ * pytest's output.
+ */
+import { spawn } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { freePorts, startMain, type Started } from '../support/main-process.js';
+
+/** Debian's interpreter, with python3-torch, python3-grpcio and python3-protobuf (scripts/test-all.sh). */
+const PYTHON = '/usr/bin/python3';
+const venv = mkdtempSync(join(tmpdir(), 'normserve-pyvenv-'));
+const venvPython = join(venv, 'bin', 'python');
+
+/** Runs a command to its end: exit code and stdout and stderr interleaved. */
+async function run(command: string, args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number | null; output: string }> {
+  const child = spawn(command, args, { env: { ...process.env, PYTHONDONTWRITEBYTECODE: '1', ...env } });
+  let output = '';
+  child.stdout.on('data', (d) => (output += d));
+  child.stderr.on('data', (d) => (output += d));
+  const [code] = await once(child, 'exit');
+  return { code: code as number | null, output };
+}
+
+async function succeed(command: string, args: string[]): Promise<void> {
+  const { code, output } = await run(command, args);
+  expect(code, `${command} ${args.join(' ')}:\n${output}`).toBe(0);
+}
+
+const servers: Started[] = [];
+let address: string;
+let peers: string[];
+
+beforeAll(async () => {
+  await succeed(PYTHON, ['-m', 'venv', '--system-site-packages', venv]);
+  // No index: everything the package needs comes from Debian; the build step runs protoc.
+  await succeed(venvPython, ['-m', 'pip', 'install', '--no-build-isolation', '--no-deps', '--no-index', '--disable-pip-version-check', '-q', './clients/python']);
+  // Messages up to 32 MiB, the client's streaming threshold, so that a larger tensor passes only streamed.
+  const single = await startMain(['--host', '127.0.0.1', '--port', '0', '--backend', 'native', '--max-message-bytes', String(32 * 1024 * 1024)]);
+  servers.push(single);
+  address = `127.0.0.1:${single.port}`;
+  const ports = await freePorts(2);
+  peers = ports.map((p) => `127.0.0.1:${p}`);
+  for (const [i, self] of peers.entries()) {
+    servers.push(await startMain(['--host', '127.0.0.1', '--port', String(ports[i]), '--backend', 'native', '--peers', peers.join(','), '--self-address', self]));
+  }
+}, 180_000);
+
+afterAll(async () => {
+  expect(await Promise.all(servers.map((s) => s.stop()))).toEqual(servers.map(() => 0));
+  rmSync(venv, { recursive: true, force: true });
+});
+
+describe('the Python client', () => {
+  it('passes its pytest suite with real PyTorch', async () => {
+    const { code, output } = await run(venvPython, ['-m', 'pytest', 'clients/python/tests', '-q', '-p', 'no:cacheprovider'], {
+      NORMSERVE_ADDRESS: address,
+      NORMSERVE_PEERS: peers.join(','),
+    });
+    expect(code, `pytest failed:\n${output}`).toBe(0);
+    expect(output).toMatch(/\d+ passed/);
+    expect(output).not.toMatch(/skipped|xfail/);
+  }, 600_000);
+});
