@@ -99,3 +99,20 @@ def test_a_group_of_one_is_batchnorm(client: normserve.Client, prefix: str) -> N
     assert remote.weight is not None
     assert_close(remote.weight.grad, local.weight.grad, "grad_weight")
     assert_close(remote.running_var, local.running_var, "running_var")
+
+
+def test_a_resumed_job_continues_its_steps(client: normserve.Client, prefix: str) -> None:
+    """A new module object on the same server module resumes at `first_step`; starting again at
+    0 would meet steps the server has completed and kept, and change nothing."""
+    x = torch.randn(4, 3, 5)
+    first = normserve.RemoteSyncBatchNorm(3, client=client, name=prefix + "bn")
+    for _ in range(2):
+        first(x)
+    assert first.step == 2
+    assert int(first.num_batches_tracked) == 2
+    replayed = normserve.RemoteSyncBatchNorm(3, client=client, name=prefix + "bn")
+    replayed(x)
+    assert int(replayed.num_batches_tracked) == 2
+    resumed = normserve.RemoteSyncBatchNorm(3, client=client, name=prefix + "bn", first_step=first.step)
+    resumed(x)
+    assert (resumed.step, int(resumed.num_batches_tracked)) == (3, 3)

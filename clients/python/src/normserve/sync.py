@@ -16,8 +16,10 @@ class RemoteSyncBatchNorm(RemoteNorm):
 
     The rank and the group's size come from torch.distributed (of `process_group`, or the default
     group) when it is initialised, else from `rank` and `world_size` (default: a group of one).
-    The first rank to construct the module creates it on the server; the others join it, so the
-    name must be new to the server (a group's steps start at 0 again only on a new module).
+    The first rank to construct the module creates it on the server; the others join it. Steps
+    are numbered from `first_step` (default 0): a job that resumes on an existing module passes
+    the step it resumes at (`module.step` when it stopped), since the server answers a step it has
+    already completed with the result it kept, for retries.
     `sync_rule` is "SYNC_WHEN_BATCH_STATS" (the server's default, PR #44445) or
     "SYNC_WHEN_TRAINING" (PyTorch 1.9 and later: no pooling in eval).
     """
@@ -38,6 +40,7 @@ class RemoteSyncBatchNorm(RemoteNorm):
         rank: Optional[int] = None,
         world_size: Optional[int] = None,
         sync_rule: Optional[Rule] = None,
+        first_step: int = 0,
     ) -> None:
         rank, world_size = group_place(process_group, rank, world_size)
         super().__init__(
@@ -51,7 +54,12 @@ class RemoteSyncBatchNorm(RemoteNorm):
         # backward uses its forward's), so that the ranks' calls meet in the same step on the
         # server without talking to each other. A failed step is skipped by every rank alike:
         # the server fails it for all of them.
-        self._step = 0
+        self._step = first_step
+
+    @property
+    def step(self) -> int:
+        """The step the next forward takes."""
+        return self._step
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, rank={self.rank}, world_size={self.world_size}"
