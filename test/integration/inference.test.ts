@@ -34,6 +34,7 @@ import type { ModelMetadataResponse__Output } from '../../src/generated/inferenc
 import { resolveConfig } from '../../src/nn/config.js';
 import { grpcObject } from '../../src/wire/proto.js';
 import { channelData } from '../support/data.js';
+import { capturedLogger } from '../support/log-capture.js';
 import { startTestServer, type TestServer } from '../support/server.js';
 
 const PACKAGE_VERSION = (JSON.parse(readFileSync('package.json', 'utf8')) as { version: string }).version;
@@ -48,8 +49,8 @@ afterAll(async () => {
   for (const s of servers) await s.stop();
 });
 
-async function serve(overrides: Parameters<typeof startTestServer>[0] = {}): Promise<TestServer> {
-  const s = await startTestServer(overrides);
+async function serve(overrides: Parameters<typeof startTestServer>[0] = {}, logger?: Parameters<typeof startTestServer>[1]): Promise<TestServer> {
+  const s = await startTestServer(overrides, logger);
   servers.push(s);
   return s;
 }
@@ -578,5 +579,21 @@ describe('limits, placement and the drain', () => {
     expect(await ready).toEqual({ ready: false });
     expect(await inferred).toMatchObject({ code: status.UNAVAILABLE, reason: 'BN_ERR_SHUTTING_DOWN', message: 'the server is shutting down; retry on another replica' });
     await stopped;
+  });
+});
+
+describe('the call log', () => {
+  it('names the module of every model call, ModelInfer\'s model_name included', async () => {
+    const captured = capturedLogger('info');
+    const s = await serve({}, captured.logger);
+    await normserve(s.address).createModule('logged/bn', { kind: 'BATCH_NORM_2D', numFeatures: 2 });
+    const stub = connect(s.address);
+    await infer(stub, request('logged/bn', [1, 2, 1, 1], Float32Array.of(1, 2)));
+    await rpc(stub, 'ModelMetadata', { name: 'logged/bn' });
+    const calls = captured.lines.filter((l) => l.msg === 'call' && String(l.method).startsWith('/inference.'));
+    expect(calls.map((l) => [l.method, l.module, l.status])).toEqual([
+      ['/inference.GRPCInferenceService/ModelInfer', 'logged/bn', 'OK'],
+      ['/inference.GRPCInferenceService/ModelMetadata', 'logged/bn', 'OK'],
+    ]);
   });
 });
