@@ -1,12 +1,11 @@
 // Rewrites the tables in docs/errors.md and docs/configuration.md from the error catalogue and the
 // settings, the values table of docs/deployment.md from the chart's values.yaml, and the `config` part of the Helm chart's values.schema.json from the settings (after
 // npm run build). test/unit/docs.test.ts and test/unit/chart.test.ts fail when they drift apart.
-import { catalogue, Status } from '../dist/src/errors.js';
+import { catalogue, statusName } from '../dist/src/errors.js';
 import { SETTINGS, helmValue, chartConfigSchema } from '../dist/src/config.js';
 import { readFileSync, writeFileSync } from 'node:fs';
 import { parse } from 'yaml';
-const names = Object.fromEntries(Object.entries(Status).map(([k,v])=>[v,k]));
-const errRows = Object.entries(catalogue).map(([code, e]) => '| `'+code+'` | '+names[e.status]+' | '+(e.pythonType??'')+' | `'+e.template.replace(/\n/g,'\\n').replace(/\t/g,'\\t')+'` |');
+const errRows = Object.entries(catalogue).map(([code, e]) => '| `'+code+'` | '+statusName(e.status)+' | '+(e.pythonType??'')+' | `'+e.template.replace(/\n/g,'\\n').replace(/\t/g,'\\t')+'` |');
 const cfgRows = Object.entries(SETTINGS).map(([k, s]) => '| `--'+s.flag+'` | `'+s.env+'` | `'+s.default+'` | `'+helmValue(k)+'` | '+s.description+' |');
 function replaceTable(path, header, rows) {
   const lines = readFileSync(path, 'utf8').split('\n');

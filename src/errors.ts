@@ -30,6 +30,13 @@ export const Status = {
 } as const;
 export type StatusCode = (typeof Status)[keyof typeof Status];
 
+const STATUS_NAMES = new Map<number, string>(Object.entries(Status).map(([name, code]) => [code, name]));
+
+/** A status code's name ('INVALID_ARGUMENT'), or the number as text for a code gRPC does not define. */
+export function statusName(code: number): string {
+  return STATUS_NAMES.get(code) ?? String(code);
+}
+
 export type PythonType = 'ValueError' | 'RuntimeError' | 'AttributeError';
 
 interface Entry {

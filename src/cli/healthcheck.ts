@@ -7,10 +7,9 @@
  *
  *   node dist/src/cli/healthcheck.js [service]     (default service: normserve.v1.BatchNormService)
  */
-import { credentials, makeGenericClientConstructor, type ServiceError } from '@grpc/grpc-js';
-import { service as healthService } from 'grpc-health-check';
+import { NormserveClient } from '../client/client.js';
 import { loadConfig } from '../config.js';
-import { BATCH_NORM_SERVICE_NAME } from '../server/server.js';
+import { BATCH_NORM_SERVICE_NAME } from '../wire/proto.js';
 
 const TIMEOUT_MS = 3000;
 
@@ -25,16 +24,15 @@ const service = process.argv[2] ?? BATCH_NORM_SERVICE_NAME;
 const port = config.healthPort !== 0 ? config.healthPort : config.port;
 if (config.healthPort === 0 && config.tlsCert !== '') fail('gRPC uses TLS here: set NORMSERVE_HEALTH_PORT so that health can be asked in plaintext');
 const host = config.host === '0.0.0.0' || config.host === '::' ? '127.0.0.1' : config.host;
-const Health = makeGenericClientConstructor(healthService as never, 'Health');
-const client = new Health(`${host.includes(':') ? `[${host}]` : host}:${port}`, credentials.createInsecure());
-(client as unknown as Record<string, Function>).Check!.call(
-  client,
-  { service },
-  { deadline: Date.now() + TIMEOUT_MS },
-  (err: ServiceError | null, response: { status: string }) => {
-    client.close();
-    if (err) fail(`${host}:${port}: ${err.message}`);
-    if (response.status !== 'SERVING') fail(`${service || "''"} is ${response.status}`);
-    process.exit(0);
-  },
-);
+const address = `${host.includes(':') ? `[${host}]` : host}:${port}`;
+// One attempt: the container runtime repeats the check itself.
+const client = new NormserveClient(address, { deadlineMs: TIMEOUT_MS, retry: false });
+try {
+  const status = await client.health(service);
+  if (status !== 'SERVING') fail(`${service || "''"} is ${status}`);
+} catch (err) {
+  fail(`${address}: ${(err as Error).message}`);
+} finally {
+  await client.close();
+}
+process.exit(0);

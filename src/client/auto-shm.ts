@@ -34,7 +34,8 @@ let instances = 0;
 export class RegionPool {
   readonly #free = new Map<string, Region[]>();
   readonly #all = new Map<string, Region[]>();
-  readonly #refused = new Map<string, string>();
+  /** Replicas that refused a region: served over the wire from then on. */
+  readonly #refused = new Set<string>();
   readonly #prefix = `auto-${process.pid}-${instances++}`;
   #made = 0;
 
@@ -46,11 +47,6 @@ export class RegionPool {
   /** Whether a tensor of `bytes` to `address` goes through shared memory. */
   wants(address: string, bytes: number): boolean {
     return bytes > this.options.aboveBytes && LOOPBACK.test(address) && !this.#refused.has(address);
-  }
-
-  /** Why `address` is served over the wire, when it refused regions. */
-  refusal(address: string): string | undefined {
-    return this.#refused.get(address);
   }
 
   /**
@@ -82,9 +78,9 @@ export class RegionPool {
     const file = SharedMemoryFile.create(path, byteSize);
     try {
       await this.calls.register(address, name, path, byteSize);
-    } catch (err) {
+    } catch {
       file.close(true);
-      this.#refused.set(address, (err as Error).message);
+      this.#refused.add(address);
       return null;
     }
     const region = { name, file };

@@ -12,7 +12,6 @@ import {
   type ChannelOptions,
   type Client,
   type ClientDuplexStream,
-  type Metadata,
   type ServiceError,
 } from '@grpc/grpc-js';
 import { service as healthService } from 'grpc-health-check';
@@ -661,9 +660,9 @@ export class NormserveClient {
     { transport, region, deadlineMs }: TransportChoice & CallOptions,
   ): Promise<{ tensor: TensorData; response: R }> {
     const named = (request as { name?: unknown }).name;
-    if (!region && transport === undefined && kind === 'modules' && typeof named === 'string') {
+    if (this.#regions && !region && transport === undefined && kind === 'modules' && typeof named === 'string') {
       const address = this.addressFor(named);
-      if (this.#regions?.wants(address, input.data.byteLength)) {
+      if (this.#regions.wants(address, input.data.byteLength)) {
         const lease = await this.#regions.lease(address, input.data.byteLength);
         if (lease) {
           try {

@@ -4,10 +4,9 @@
  * (ErrorInfo metadata such as the owner's address, BadRequest field violations).
  */
 import { status as grpcStatus, type Metadata, type ServiceError } from '@grpc/grpc-js';
-import type { ErrorCode } from '../errors.js';
+import { statusName, type ErrorCode } from '../errors.js';
 import { BadRequest, ErrorInfo, RpcStatus } from '../wire/proto.js';
 
-const STATUS_NAMES = Object.fromEntries(Object.entries(grpcStatus).filter(([, v]) => typeof v === 'number').map(([k, v]) => [v, k])) as Record<number, string>;
 
 export interface FieldViolation {
   field: string;
@@ -34,7 +33,7 @@ export class NormserveClientError extends Error {
   constructor(err: Pick<ServiceError, 'code' | 'details' | 'message' | 'metadata'>) {
     super(err.details || err.message);
     this.code = err.code;
-    this.statusName = STATUS_NAMES[err.code] ?? String(err.code);
+    this.statusName = statusName(err.code);
     this.metadata = err.metadata;
     const details = decodeDetails(err.metadata);
     this.reason = details.reason as ErrorCode | undefined;

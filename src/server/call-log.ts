@@ -12,11 +12,11 @@ import { Metadata, ServerInterceptingCall, status as grpcStatus, type ServerInte
 import type { Logger } from 'pino';
 import type { Metrics } from './metrics.js';
 import { moduleNameOf } from './unary.js';
+import { statusName } from '../errors.js';
 
 export const REQUEST_ID = 'x-request-id';
 const USABLE_ID = /^[A-Za-z0-9._:-]{1,128}$/;
 
-const STATUS_NAMES = Object.fromEntries(Object.entries(grpcStatus).map(([k, v]) => [v, k])) as Record<number, string>;
 
 /** Bytes of tensor data in a message: the `bytes` fields, found a few levels deep. */
 export function payloadBytes(message: unknown, depth = 0): number {
@@ -62,7 +62,7 @@ export function callLogInterceptor(logger: Logger, metrics?: Metrics): ServerInt
       },
       sendStatus: (status, next) => {
         const seconds = Number(process.hrtime.bigint() - started) / 1e9;
-        const code = STATUS_NAMES[status.code] ?? String(status.code);
+        const code = statusName(status.code);
         const line = {
           request_id: requestId,
           method: method.path,

@@ -23,8 +23,6 @@ import { decodeTensor, decodeTensorHeader, type DecodedTensor, type DecodeOption
 import type { PlainCopies } from './tensor-call.js';
 import { unaryWith, type CallContext, type Scratch } from './unary.js';
 
-export const INFERENCE_SERVICE_NAME = 'inference.GRPCInferenceService';
-
 export interface InferenceServiceDeps extends CallContext {
   readonly registry: ModuleRegistry;
   readonly kernels: Kernels;

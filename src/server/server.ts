@@ -18,7 +18,8 @@ import { bnError } from '../errors.js';
 import { Coordinator } from '../sync/coordinator.js';
 import { addBatchNormService } from './batch-norm-service.js';
 import { addSyncBatchNormService } from './sync-batch-norm-service.js';
-import { addInferenceService, INFERENCE_SERVICE_NAME } from './inference-service.js';
+import { addInferenceService } from './inference-service.js';
+import { BATCH_NORM_SERVICE_NAME, INFERENCE_SERVICE_NAME, SYNC_SERVICE_NAME } from '../wire/proto.js';
 import { Authenticator } from './auth.js';
 import { callLogInterceptor } from './call-log.js';
 import { Metrics } from './metrics.js';
@@ -27,8 +28,7 @@ import { PlainCopies, StreamBudget } from './tensor-call.js';
 import { RegionRegistry } from './shared-memory.js';
 import { parsePeers, Placement } from '../cluster/placement.js';
 
-export const BATCH_NORM_SERVICE_NAME = 'normserve.v1.BatchNormService';
-export const SYNC_SERVICE_NAME = 'normserve.v1.SyncBatchNormService';
+export { BATCH_NORM_SERVICE_NAME, SYNC_SERVICE_NAME } from '../wire/proto.js';
 /**
  * The health service name for liveness probes: SERVING while the process serves at all, draining
  * included, so that a probe never restarts a replica for being busy or shutting down.

@@ -39,6 +39,11 @@ export const LOADER_OPTIONS: Options = {
 
 export const packageDefinition = loadSync(PROTO_FILES, LOADER_OPTIONS);
 export const grpcObject = loadPackageDefinition(packageDefinition) as unknown as ProtoGrpcType & SyncProtoGrpcType & InferenceProtoGrpcType & GrpcObject;
+/** Full service names, as grpc.health.v1 and reflection know them. */
+export const BATCH_NORM_SERVICE_NAME = 'normserve.v1.BatchNormService';
+export const SYNC_SERVICE_NAME = 'normserve.v1.SyncBatchNormService';
+export const INFERENCE_SERVICE_NAME = 'inference.GRPCInferenceService';
+
 export const batchNormService = grpcObject.normserve.v1.BatchNormService.service;
 export const syncBatchNormService = grpcObject.normserve.v1.SyncBatchNormService.service;
 export const inferenceService = grpcObject.inference.GRPCInferenceService.service;

@@ -25,7 +25,7 @@ import {
 } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { NormserveClient, NormserveClientError, type ModuleSpec } from '../../src/client/client.js';
+import { NormserveClient, type ModuleSpec } from '../../src/client/client.js';
 import { ownerIndex } from '../../src/cluster/placement.js';
 import type { GRPCInferenceServiceClient } from '../../src/generated/inference/GRPCInferenceService.js';
 import type { ModelInferRequest, _inference_ModelInferRequest_InferInputTensor as InputTensor } from '../../src/generated/inference/ModelInferRequest.js';
@@ -35,6 +35,7 @@ import { resolveConfig } from '../../src/nn/config.js';
 import { grpcObject } from '../../src/wire/proto.js';
 import { channelData } from '../support/data.js';
 import { capturedLogger } from '../support/log-capture.js';
+import { rejection } from '../support/rejection.js';
 import { startTestServer, type TestServer } from '../support/server.js';
 
 const PACKAGE_VERSION = (JSON.parse(readFileSync('package.json', 'utf8')) as { version: string }).version;
@@ -73,16 +74,6 @@ function rpc<Res>(stub: GRPCInferenceServiceClient, method: string, request: obj
     const fn = (stub as unknown as Record<string, (...args: unknown[]) => unknown>)[method]!;
     fn.call(stub, request, metadata, (err: ServiceError | null, res: Res) => (err ? reject(err) : resolve(res)));
   });
-}
-
-/** The error a call fails with, its google.rpc details decoded; a call that succeeds fails the test. */
-async function refusal(call: Promise<unknown>): Promise<NormserveClientError> {
-  try {
-    await call;
-  } catch (err) {
-    return new NormserveClientError(err as ServiceError);
-  }
-  throw new Error('the call succeeded but should have failed');
 }
 
 const infer = (stub: GRPCInferenceServiceClient, request: ModelInferRequest, metadata?: Metadata) =>
@@ -180,14 +171,14 @@ describe('one server', () => {
     });
 
     it('answer NOT_FOUND for an unknown model, and for any version but "1"', async () => {
-      const unknown = await refusal(rpc(stub, 'ModelMetadata', { name: 'meta/none' }));
+      const unknown = await rejection(rpc(stub, 'ModelMetadata', { name: 'meta/none' }));
       expect(unknown).toMatchObject({
         code: status.NOT_FOUND,
         reason: 'BN_ERR_INFER_MODEL_NOT_FOUND',
         message: "model 'meta/none' not found: models are this server's modules, and none is named so (ModelReady tells whether one is)",
       });
       for (const method of ['ModelReady', 'ModelMetadata']) {
-        expect(await refusal(rpc(stub, method, { name: 'meta/2d', version: '2' })), method).toMatchObject({
+        expect(await rejection(rpc(stub, method, { name: 'meta/2d', version: '2' })), method).toMatchObject({
           code: status.NOT_FOUND,
           reason: 'BN_ERR_INFER_VERSION',
           message: "model 'meta/2d' has no version '2': its one version is '1' (an empty version means '1')",
@@ -345,38 +336,38 @@ describe('one server', () => {
     ];
 
     it.each(invalid)('INVALID_ARGUMENT for %s', async (_what, req, reason, message) => {
-      expect(await refusal(infer(stub, req))).toMatchObject({ code: status.INVALID_ARGUMENT, reason, message });
+      expect(await rejection(infer(stub, req))).toMatchObject({ code: status.INVALID_ARGUMENT, reason, message });
       expect(await fingerprint(client, name)).toEqual(before);
     });
 
     it('names the field at fault in a google.rpc.BadRequest', async () => {
-      const err = await refusal(infer(stub, request(name, shape, x, {}, { datatype: 'FP16' })));
+      const err = await rejection(infer(stub, request(name, shape, x, {}, { datatype: 'FP16' })));
       expect(err.fieldViolations).toEqual([{ field: 'inputs[0].datatype', description: "input 'input' has datatype 'FP16'; model 'err/bn' takes FP32" }]);
     });
 
     it("refuses a wrong rank or channel count with Forward's own errors", async () => {
       for (const wrong of [[2, 3, 4], [2, 4, 1, 1]]) {
-        const viaForward = await refusal(client.forward('err/twin', { shape: wrong, data: data(wrong, 1) }));
-        const viaInfer = await refusal(infer(stub, request(name, wrong, data(wrong, 1))));
+        const viaForward = await rejection(client.forward('err/twin', { shape: wrong, data: data(wrong, 1) }));
+        const viaInfer = await rejection(infer(stub, request(name, wrong, data(wrong, 1))));
         expect(viaInfer).toMatchObject({ code: status.INVALID_ARGUMENT, reason: viaForward.reason, message: viaForward.message, pythonType: viaForward.pythonType });
       }
-      expect((await refusal(infer(stub, request(name, [2, 3, 4], data([2, 3, 4], 1))))).message).toBe('expected 4D input (got 3D input)');
-      expect((await refusal(infer(stub, request(name, [2, 4, 1, 1], data([2, 4, 1, 1], 1))))).message).toBe('running_mean should contain 4 elements not 3');
+      expect((await rejection(infer(stub, request(name, [2, 3, 4], data([2, 3, 4], 1))))).message).toBe('expected 4D input (got 3D input)');
+      expect((await rejection(infer(stub, request(name, [2, 4, 1, 1], data([2, 4, 1, 1], 1))))).message).toBe('running_mean should contain 4 elements not 3');
       expect(await fingerprint(client, name)).toEqual(before);
     });
 
     it('answers NOT_FOUND for an unknown model or version, RESOURCE_EXHAUSTED past max_tensor_elements', async () => {
-      expect(await refusal(infer(stub, request('err/none', shape, x)))).toMatchObject({
+      expect(await rejection(infer(stub, request('err/none', shape, x)))).toMatchObject({
         code: status.NOT_FOUND,
         reason: 'BN_ERR_INFER_MODEL_NOT_FOUND',
         message: "model 'err/none' not found: models are this server's modules, and none is named so (ModelReady tells whether one is)",
       });
-      expect(await refusal(infer(stub, request(name, shape, x, { model_version: '3' })))).toMatchObject({
+      expect(await rejection(infer(stub, request(name, shape, x, { model_version: '3' })))).toMatchObject({
         code: status.NOT_FOUND,
         reason: 'BN_ERR_INFER_VERSION',
         message: "model 'err/bn' has no version '3': its one version is '1' (an empty version means '1')",
       });
-      expect(await refusal(infer(stub, request(name, [1, 3, 4096, 4096], new Float32Array(0))))).toMatchObject({
+      expect(await rejection(infer(stub, request(name, [1, 3, 4096, 4096], new Float32Array(0))))).toMatchObject({
         code: status.RESOURCE_EXHAUSTED,
         reason: 'BN_ERR_TENSOR_TOO_LARGE',
         message: 'inputs[0] has 50331648 elements, over the limit max_tensor_elements=16777216',
@@ -385,7 +376,7 @@ describe('one server', () => {
     });
 
     it('refuses a SyncBatchNorm group that pools batch statistics in eval: one rank cannot answer alone', async () => {
-      expect(await refusal(infer(stub, request('err/group', shape, x)))).toMatchObject({
+      expect(await rejection(infer(stub, request('err/group', shape, x)))).toMatchObject({
         code: status.FAILED_PRECONDITION,
         reason: 'BN_ERR_USE_SYNC',
         message: "module 'err/group' is a SyncBatchNorm group of 2 ranks that pools its statistics in this mode: use SyncBatchNormService.SyncForward",
@@ -474,7 +465,7 @@ describe('with bearer tokens', () => {
       ['ServerMetadata', {}],
     ];
     for (const [method, req] of calls) {
-      expect(await refusal(rpc(stub, method, req)), method).toMatchObject({
+      expect(await rejection(rpc(stub, method, req)), method).toMatchObject({
         code: status.UNAUTHENTICATED,
         message: 'no bearer token: send the header authorization: Bearer <token>',
       });
@@ -491,7 +482,7 @@ describe('with bearer tokens', () => {
       ['ModelReady', { name: 'team-b/bn' }],
       ['ModelMetadata', { name: 'team-b/bn' }],
     ] as const) {
-      expect(await refusal(rpc(stub, method, req, bearer(tokens.a))), method).toMatchObject({
+      expect(await rejection(rpc(stub, method, req, bearer(tokens.a))), method).toMatchObject({
         code: status.PERMISSION_DENIED,
         reason: 'BN_ERR_PERMISSION_DENIED',
         message: "token team-a may not read module 'team-b/bn'",
@@ -515,7 +506,7 @@ describe('limits, placement and the drain', () => {
     const holder = server.running.registry.exclusive('busy', () => new Promise<void>((r) => (release = r)));
     const inflight = infer(stub, request('busy', shape, x));
     await until(() => server.running.inFlight() === 1);
-    expect(await refusal(rpc(stub, 'ModelMetadata', { name: 'busy' }))).toMatchObject({
+    expect(await rejection(rpc(stub, 'ModelMetadata', { name: 'busy' }))).toMatchObject({
       code: status.RESOURCE_EXHAUSTED,
       reason: 'BN_ERR_TOO_MANY_CALLS',
       message: '1 calls are being handled already, the limit max_calls=1; retry later',
@@ -542,7 +533,7 @@ describe('limits, placement and the drain', () => {
       ['ModelReady', { name: elsewhere }],
       ['ModelMetadata', { name: elsewhere }],
     ] as const) {
-      expect(await refusal(rpc(stub, method, req)), method).toMatchObject({
+      expect(await rejection(rpc(stub, method, req)), method).toMatchObject({
         code: status.FAILED_PRECONDITION,
         reason: 'BN_ERR_NOT_OWNER',
         info: { owner: 'other.test:2', owner_index: '1', replicas: '2' },
@@ -571,7 +562,7 @@ describe('limits, placement and the drain', () => {
     await new Promise<void>((resolve, reject) => waiting.waitForReady(Date.now() + 5000, (err) => (err ? reject(err) : resolve())));
     const live = rpc(waiting, 'ServerLive', {});
     const ready = rpc(waiting, 'ServerReady', {});
-    const inferred = refusal(infer(waiting, request('drain/bn', shape, x)));
+    const inferred = rejection(infer(waiting, request('drain/bn', shape, x)));
     await new Promise((r) => setTimeout(r, 100));
     const stopped = server.running.shutdown(5000);
     open();

@@ -5,27 +5,21 @@
  * processes, and checks routing across two replicas. Any pytest failure fails this test with
  * pytest's output.
  */
-import { spawn } from 'node:child_process';
-import { once } from 'node:events';
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { freePorts, startMain, type Started } from '../support/main-process.js';
+import { freePorts, runCommand, startMain, type Started } from '../support/main-process.js';
 
 /** Debian's interpreter, with python3-torch, python3-grpcio and python3-protobuf (scripts/test-all.sh). */
 const PYTHON = '/usr/bin/python3';
 const venv = mkdtempSync(join(tmpdir(), 'normserve-pyvenv-'));
 const venvPython = join(venv, 'bin', 'python');
 
-/** Runs a command to its end: exit code and stdout and stderr interleaved. */
+/** A command's exit code and its output, stdout then stderr. */
 async function run(command: string, args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number | null; output: string }> {
-  const child = spawn(command, args, { env: { ...process.env, PYTHONDONTWRITEBYTECODE: '1', ...env } });
-  let output = '';
-  child.stdout.on('data', (d) => (output += d));
-  child.stderr.on('data', (d) => (output += d));
-  const [code] = await once(child, 'exit');
-  return { code: code as number | null, output };
+  const { code, stdout, stderr } = await runCommand(command, args, { ...process.env, PYTHONDONTWRITEBYTECODE: '1', ...env });
+  return { code, output: `${stdout}${stderr}` };
 }
 
 async function succeed(command: string, args: string[]): Promise<void> {

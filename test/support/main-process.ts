@@ -57,15 +57,20 @@ export async function startMain(args: string[], env: NodeJS.ProcessEnv = {}, scr
   };
 }
 
-/** Runs a node script to its end: exit code, stdout and stderr. */
-export async function runNode(script: string, args: string[], env: NodeJS.ProcessEnv = {}) {
-  const child = spawn(process.execPath, [script, ...args], { env: withDataDir(env) });
+/** Runs a command to its end: exit code, stdout and stderr. */
+export async function runCommand(command: string, args: string[], env: NodeJS.ProcessEnv = process.env) {
+  const child = spawn(command, args, { env });
   let stdout = '';
   let stderr = '';
   child.stdout.on('data', (d) => (stdout += d));
   child.stderr.on('data', (d) => (stderr += d));
   const [code] = await once(child, 'exit');
   return { code: code as number | null, stdout, stderr };
+}
+
+/** Runs a node script to its end, with a data directory of its own unless `env` gives one. */
+export function runNode(script: string, args: string[], env: NodeJS.ProcessEnv = {}) {
+  return runCommand(process.execPath, [script, ...args], withDataDir(env));
 }
 
 /** `n` loopback ports that were free a moment ago (for replicas that must know each other's address before they start). */

@@ -89,7 +89,8 @@ describe('docs/deployment.md', () => {
     walk(values, []);
     const lines = readFileSync('docs/deployment.md', 'utf8').split('\n');
     const start = lines.indexOf('| value | default |');
-    const rows = lines.slice(start + 2).filter((l, i, all) => all.slice(0, i + 1).every((x) => x.startsWith('|')));
+    const after = lines.slice(start + 2);
+    const rows = after.slice(0, after.findIndex((line) => !line.startsWith('|')));
     expect(rows).toEqual(leaves.map(([path, v]) => `| \`${path}\` | \`${JSON.stringify(v)}\` |`));
   });
 });

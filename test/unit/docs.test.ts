@@ -5,10 +5,9 @@
 import { readFileSync } from 'node:fs';
 import { describe, expect, it } from 'vitest';
 import { SETTINGS } from '../../src/config.js';
-import { catalogue, Status } from '../../src/errors.js';
+import { catalogue, statusName } from '../../src/errors.js';
 import { API_DOC, renderApiDocs } from '../../scripts/api-docs.js';
 
-const STATUS_NAMES = Object.fromEntries(Object.entries(Status).map(([k, v]) => [v, k]));
 
 /** The rows of the first Markdown table in a file whose header starts with `first`. */
 function tableRows(path: string, first: string): string[][] {
@@ -30,7 +29,7 @@ describe('docs/errors.md', () => {
     const rows = tableRows('docs/errors.md', 'code');
     const expected = Object.entries(catalogue).map(([code, e]) => [
       `\`${code}\``,
-      STATUS_NAMES[e.status]!,
+      statusName(e.status),
       'pythonType' in e ? e.pythonType : '',
       `\`${e.template.replace(/\n/g, '\\n').replace(/\t/g, '\\t')}\``,
     ]);
