@@ -2,13 +2,15 @@
  * The Python client (clients/python) against real server processes: installs it the documented
  * way into a fresh virtual environment over Debian's PyTorch and gRPC, then runs its pytest suite,
  * which trains models with local and remote BatchNorm, runs SyncBatchNorm groups as separate
- * processes, and checks routing across two replicas. Any pytest failure fails this test with
- * pytest's output.
+ * processes, and checks routing across two replicas. The drift tests (tests/test_drift.py) train
+ * against a server of every compute backend that starts here. Any pytest failure fails this test
+ * with pytest's output.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { availableBackends } from '../support/backends.js';
 import { freePorts, runCommand, startMain, type Started } from '../support/main-process.js';
 
 /** Debian's interpreter, with python3-torch, python3-grpcio and python3-protobuf (scripts/test-all.sh). */
@@ -30,6 +32,8 @@ async function succeed(command: string, args: string[]): Promise<void> {
 const servers: Started[] = [];
 let address: string;
 let peers: string[];
+/** "name=address" of a server per backend, native first (the single server). */
+const backendServers: string[] = [];
 
 beforeAll(async () => {
   await succeed(PYTHON, ['-m', 'venv', '--system-site-packages', venv]);
@@ -44,6 +48,13 @@ beforeAll(async () => {
   for (const [i, self] of peers.entries()) {
     servers.push(await startMain(['--host', '127.0.0.1', '--port', String(ports[i]), '--backend', 'native', '--peers', peers.join(','), '--self-address', self]));
   }
+  backendServers.push(`native=${address}`);
+  const others = new Set((await availableBackends()).map((b) => b.name).filter((name) => name !== 'native'));
+  for (const name of others) {
+    const server = await startMain(['--host', '127.0.0.1', '--port', '0', '--backend', name]);
+    servers.push(server);
+    backendServers.push(`${name}=127.0.0.1:${server.port}`);
+  }
 }, 180_000);
 
 afterAll(async () => {
@@ -56,6 +67,7 @@ describe('the Python client', () => {
     const { code, output } = await run(venvPython, ['-m', 'pytest', 'clients/python/tests', '-q', '-p', 'no:cacheprovider'], {
       NORMSERVE_ADDRESS: address,
       NORMSERVE_PEERS: peers.join(','),
+      NORMSERVE_BACKENDS: backendServers.join(','),
     });
     expect(code, `pytest failed:\n${output}`).toBe(0);
     expect(output).toMatch(/\d+ passed/);

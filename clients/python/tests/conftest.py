@@ -37,6 +37,26 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+def backend_addresses() -> dict[str, str]:
+    """A server per compute backend, from NORMSERVE_BACKENDS ("native=host:port,webasm=host:port");
+    without it, the single server, whose backend is native."""
+    listed = os.environ.get("NORMSERVE_BACKENDS", "")
+    pairs = [entry.split("=", 1) for entry in listed.split(",") if entry]
+    return {name: address for name, address in pairs} or {"native": os.environ["NORMSERVE_ADDRESS"]}
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests that take `backend_client` run once per backend's server."""
+    if "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", list(backend_addresses()))
+
+
+@pytest.fixture
+def backend_client(backend: str) -> Iterator[normserve.Client]:
+    with normserve.Client(backend_addresses()[backend]) as c:
+        yield c
+
+
 @pytest.fixture(scope="session")
 def address() -> str:
     """A single server, whose messages are limited to 32 MiB (--max-message-bytes 33554432)."""
