@@ -49,24 +49,24 @@ async function endToEnd(mode: string, args: string[]) {
   return { mode, forward_ms: forward, step_ms: step };
 }
 
-function storeWrite() {
+async function storeWrite() {
   const store = new SqliteStore(mkdtempSync(join(tmpdir(), 'normserve-bench-')), 16);
   const m = new BatchNorm(resolveConfig({ kind: 'BATCH_NORM_2D', numFeatures: 64n, cumulativeAverage: false }));
   const times: number[] = [];
   for (let i = 0; i < WARMUP + CALLS; i++) {
     m.update({ training: i % 2 === 0 });
     const t = process.hrtime.bigint();
-    store.write({ modules: [{ name: 'bn', snapshot: m.snapshot() }] });
+    await store.write({ modules: [{ name: 'bn', snapshot: m.snapshot() }] });
     if (i >= WARMUP) times.push(Number(process.hrtime.bigint() - t) / 1e6);
   }
-  store.close();
+  await store.close();
   return median(times);
 }
 
 async function main() {
   const strict = await endToEnd('strict', []);
   const relaxed = await endToEnd('relaxed', ['--durability', 'relaxed', '--checkpoint-ms', '1000']);
-  const write = storeWrite();
+  const write = await storeWrite();
   const machine = `${cpus().length} x ${cpus()[0]?.model ?? 'cpu'}, Node ${process.version}`;
   console.log(`\nDurability cost per training step, medians of ${CALLS} calls; ${machine}`);
   console.log('| durability | training forward (32,64) ms | GatherStats step (1 rank, C=64) ms |');

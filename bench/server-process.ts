@@ -1,12 +1,15 @@
 /**
  * The real program as a child process (`node dist/src/main.js`, after `npm run build`), on
- * 127.0.0.1 with free ports and, unless the arguments name one, a data directory of its own.
+ * 127.0.0.1 with free ports and, unless the arguments name a --store, an SQLite store in a data
+ * directory of its own.
  * Resolves once it listens. Used by the benchmarks and by tests that kill and restart it.
  */
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { mkdtempSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { createServer } from 'node:net';
+import { once } from 'node:events';
 import { createInterface } from 'node:readline';
 
 export interface ServerProcess {
@@ -16,7 +19,8 @@ export interface ServerProcess {
 }
 
 export async function startServerProcess(args: readonly string[] = [], dataDir = mkdtempSync(join(tmpdir(), 'normserve-'))): Promise<ServerProcess> {
-  const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--metrics-port', '0', '--data-dir', dataDir, ...args]);
+  const store = args.includes('--store') ? [] : ['--store', `sqlite:${dataDir}`];
+  const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--metrics-port', '0', ...store, ...args]);
   child.stderr.resume();
   const port = await new Promise<number>((resolve, reject) => {
     // Every line is read: the per-call log goes to this pipe, and an unread pipe would block it.
@@ -27,4 +31,19 @@ export async function startServerProcess(args: readonly string[] = [], dataDir =
     child.once('exit', (code) => reject(new Error(`normserve exited with ${code} before listening`)));
   });
   return { child, address: `127.0.0.1:${port}`, dataDir };
+}
+
+/** `n` loopback ports that were free a moment ago (for replicas that must know each other's address before they start). */
+export async function freePorts(n: number): Promise<number[]> {
+  const servers = await Promise.all(
+    Array.from({ length: n }, async () => {
+      const s = createServer();
+      s.listen(0, '127.0.0.1');
+      await once(s, 'listening');
+      return s;
+    }),
+  );
+  const ports = servers.map((s) => (s.address() as { port: number }).port);
+  await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
+  return ports;
 }

@@ -5,7 +5,6 @@
  */
 import { parseArgs } from 'node:util';
 import { z } from 'zod';
-import { parsePeers } from './cluster/placement.js';
 import { BACKEND_NAMES } from './kernels/kernels.js';
 
 const BACKEND_CHOICES = ['auto', ...BACKEND_NAMES.filter((b) => b !== 'reference'), 'reference'] as const;
@@ -14,6 +13,24 @@ export type BackendChoice = (typeof BACKEND_CHOICES)[number];
 const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
 const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
+
+const HOST_PORT = '(?:\\[[0-9A-Fa-f:.]+\\]|[A-Za-z0-9_.-]+):\\d{1,5}';
+const STORE_PATTERN = new RegExp(`^(?:sqlite:.+|etcd://${HOST_PORT}(?:,${HOST_PORT})*(?:/[A-Za-z0-9_.-]+(?:/[A-Za-z0-9_.-]+)*)?)$`);
+
+/** Where modules are kept (--store). */
+export type StoreSpec =
+  | { readonly kind: 'sqlite'; readonly dir: string }
+  | { readonly kind: 'etcd'; readonly endpoints: readonly string[]; readonly prefix: string };
+
+/** Parses a --store value (already checked against its pattern). */
+export function parseStore(text: string): StoreSpec {
+  if (text.startsWith('sqlite:')) return { kind: 'sqlite', dir: text.slice('sqlite:'.length) };
+  const rest = text.slice('etcd://'.length);
+  const slash = rest.indexOf('/');
+  const hosts = slash < 0 ? rest : rest.slice(0, slash);
+  const path = slash < 0 ? 'normserve' : rest.slice(slash + 1);
+  return { kind: 'etcd', endpoints: hosts.split(','), prefix: `/${path}/` };
+}
 
 /** The settings. `flag` is the long option; `env` the environment variable. */
 export const SETTINGS = {
@@ -73,19 +90,27 @@ export const SETTINGS = {
     schema: int(0, 65535),
     description: 'Extra plaintext port that serves only grpc.health.v1, for Kubernetes probes when gRPC itself uses TLS; 0: none (health is always on the gRPC port too).',
   },
-  peers: {
-    flag: 'peers',
-    env: 'NORMSERVE_PEERS',
-    default: '',
-    schema: z.string(),
-    description: "Comma-separated host:port of every replica, in StatefulSet ordinal order; each module belongs to one replica by a stable hash of its name (docs/scale-out.md). '': this server owns every module.",
+  store: {
+    flag: 'store',
+    env: 'NORMSERVE_STORE',
+    default: 'sqlite:./data',
+    schema: z.string().regex(STORE_PATTERN, 'use sqlite:DIR or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]'),
+    description:
+      'Where modules are kept. sqlite:DIR: one server, its SQLite database in DIR. etcd://HOST:PORT[,HOST:PORT...][/PREFIX]: replicas that share their modules through etcd, under the key prefix /PREFIX/ (default /normserve/); each module belongs to one replica at a time (docs/scale-out.md).',
   },
-  selfAddress: {
-    flag: 'self-address',
-    env: 'NORMSERVE_SELF_ADDRESS',
+  advertiseAddress: {
+    flag: 'advertise-address',
+    env: 'NORMSERVE_ADVERTISE_ADDRESS',
     default: '',
-    schema: z.string(),
-    description: "This replica's own address, exactly as it appears in --peers (needed with --peers). A replica not in --peers owns no module: it serves reads and deletes of what it holds while it is scaled away.",
+    schema: z.string().regex(/^$|^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):\d{1,5}$/, 'use host:port'),
+    description: "With an etcd store: the host:port at which clients reach this replica; other replicas send callers of this replica's modules here. '': this host's name and the gRPC port.",
+  },
+  leaseTtlSeconds: {
+    flag: 'lease-ttl-seconds',
+    env: 'NORMSERVE_LEASE_TTL_SECONDS',
+    default: 10,
+    schema: int(2, 600),
+    description: "With an etcd store: the time to live of this replica's etcd lease. A replica that dies (or loses etcd) hands its modules to the others about this long after.",
   },
   backend: {
     flag: 'backend',
@@ -101,19 +126,12 @@ export const SETTINGS = {
     schema: z.enum(LOG_LEVELS),
     description: `pino log level: ${LOG_LEVELS.join(', ')}. Each call logs one line at info.`,
   },
-  dataDir: {
-    flag: 'data-dir',
-    env: 'NORMSERVE_DATA_DIR',
-    default: './data',
-    schema: z.string().min(1),
-    description: 'Directory of the SQLite database that keeps every module and recent group steps across restarts.',
-  },
   durability: {
     flag: 'durability',
     env: 'NORMSERVE_DURABILITY',
     default: 'strict' as 'strict' | 'relaxed',
     schema: z.enum(['strict', 'relaxed']),
-    description: 'strict: every change is on disk before its call is answered. relaxed: changes are written every --checkpoint-ms; a crash loses at most that interval.',
+    description: 'strict: every change is in the store before its call is answered. relaxed (sqlite only): changes are written every --checkpoint-ms; a crash loses at most that interval.',
   },
   checkpointMs: {
     flag: 'checkpoint-ms',
@@ -232,9 +250,8 @@ export const CHART_MANAGED: Readonly<Partial<Record<keyof Settings, string>>> = 
   port: 'ports.grpc',
   healthPort: 'ports.health',
   metricsPort: 'ports.metrics',
-  dataDir: 'persistence.mountPath',
-  peers: 'replicaCount, placement.replicas',
-  selfAddress: "(the pod's own address)",
+  store: 'store.type, persistence.mountPath, etcd.endpoints, etcd.prefix',
+  advertiseAddress: "(the pod's IP and ports.grpc)",
   tlsCert: 'tls.enabled, tls.secretName',
   tlsKey: 'tls.enabled, tls.secretName',
   tlsClientCa: 'tls.clientAuth',
@@ -294,21 +311,14 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv): Con
     }
     config[key] = parsed.data;
   }
-  checkPeers(config as Config);
+  checkAcross(config as Config);
   return config as Config;
 }
 
-/** The rules across settings: a valid --peers list that names this replica. */
-function checkPeers(config: Pick<Config, 'peers' | 'selfAddress'>): void {
-  let peers: string[];
-  try {
-    peers = parsePeers(config.peers);
-  } catch (err) {
-    throw new ConfigError(`invalid --peers (${SETTINGS.peers.env}): ${(err as Error).message}`);
-  }
-  if (peers.length === 0 && config.selfAddress !== '') throw new ConfigError('--self-address is only meaningful with --peers');
-  if (peers.length > 0 && config.selfAddress === '') {
-    throw new ConfigError(`--peers needs --self-address (${SETTINGS.selfAddress.env}): this replica's own address, as written in --peers`);
+/** The rules across settings: etcd keeps every change before it is answered. */
+function checkAcross(config: Pick<Config, 'store' | 'durability'>): void {
+  if (parseStore(config.store).kind === 'etcd' && config.durability === 'relaxed') {
+    throw new ConfigError('--durability relaxed is for an sqlite store; with etcd every change is committed before its call is answered');
   }
 }
 

@@ -239,13 +239,22 @@ export const catalogue = {
   BN_ERR_NOT_OWNER: {
     status: Status.FAILED_PRECONDITION,
     template:
-      "module '{name}' belongs to replica {index} of {replicas} at {owner}, not to this one ({self}); send its calls there (google.rpc.ErrorInfo metadata 'owner' has the address)",
+      "module '{name}' is in slot {slot}, which replica {member} at {owner} owns, not this one ({self}); send its calls there (google.rpc.ErrorInfo metadata 'owner' has the address)",
+  },
+  BN_ERR_SLOT_MOVING: {
+    status: Status.UNAVAILABLE,
+    template: "module '{name}' is in slot {slot}, which {why}; nothing was changed, retry shortly",
   },
   BN_ERR_CANCELLED: { status: Status.CANCELLED, template: 'the call was cancelled before it ran' },
   BN_ERR_SHUTTING_DOWN: { status: Status.UNAVAILABLE, template: 'the server is shutting down; retry on another replica' },
   BN_ERR_STORE: {
     status: Status.UNAVAILABLE,
     template: 'the data store could not be written ({detail}); the change was not made, retry later',
+  },
+  BN_ERR_STORE_UNKNOWN: {
+    status: Status.UNKNOWN,
+    template:
+      'the data store did not confirm the change ({detail}); it may or may not have been made: read the module (GetModule, GetState) once the store is back, before you repeat the call',
   },
   BN_ERR_INTERNAL: { status: Status.INTERNAL, template: 'internal error: {detail}' },
 } as const satisfies Record<string, Entry>;

@@ -27,8 +27,7 @@ export type {
   RegionUse,
   RegionInfo,
 } from './client/client.js';
-export { ownerIndex, parsePeers, statefulSetPeers } from './cluster/placement.js';
-export { rebalance, type MoveReport, type RebalanceOptions } from './cluster/rebalance.js';
+export { preferredOwner, slotOf, SLOTS } from './cluster/slots.js';
 export { catalogue, Status, type ErrorCode } from './errors.js';
 export { defaultConfig, loadConfig, SETTINGS, type Config } from './config.js';
 export { selectKernels, startBackend, type Selection } from './kernels/select.js';

@@ -40,6 +40,11 @@ async function main(): Promise<void> {
   }
   const server = await startServer(config, { kernels, logger });
   logger.info({ host: config.host, port: server.port, metrics_port: server.metricsPort, backend: kernels.backend }, 'normserve listening');
+  server.joined.catch(async (err: unknown) => {
+    logger.fatal({ err }, 'cannot join the cluster');
+    await server.shutdown(0).catch(() => undefined);
+    process.exit(1);
+  });
 
   const stop = (signal: string) => {
     logger.info({ signal, grace_ms: config.shutdownGraceMs }, 'shutting down');

@@ -5,32 +5,36 @@
  * copy is a complete database: put it as normserve.db into an empty data directory and the
  * server restores every module from it (docs/operations.md).
  *
- *   node dist/src/cli/backup.js --out /data/backup-2026-11-27.db [--data-dir /data]
+ *   node dist/src/cli/backup.js --out /data/backup-2026-11-27.db [--store sqlite:/data]
  *
- * --data-dir defaults to the server's own setting (NORMSERVE_DATA_DIR). Prints the modules and
- * bytes copied; exits 1 when the copy fails, 2 on a usage error.
+ * --store defaults to the server's own setting (NORMSERVE_STORE); it must be an sqlite store (etcd
+ * keeps its own backups: `etcdctl snapshot save`). Prints the modules and bytes copied; exits 1
+ * when the copy fails, 2 on a usage error.
  */
 import { existsSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseArgs } from 'node:util';
 import Database from 'better-sqlite3';
-import { SETTINGS } from '../config.js';
+import { parseStore, SETTINGS } from '../config.js';
 import { DB_FILE } from '../store/sqlite-store.js';
 
 function usage(message: string): never {
-  process.stderr.write(`normserve-backup: ${message}\nUsage: normserve-backup --out FILE [--data-dir DIR]\n`);
+  process.stderr.write(`normserve-backup: ${message}\nUsage: normserve-backup --out FILE [--store sqlite:DIR]\n`);
   process.exit(2);
 }
 
 let values;
 try {
-  ({ values } = parseArgs({ options: { out: { type: 'string' }, 'data-dir': { type: 'string' } }, strict: true }));
+  ({ values } = parseArgs({ options: { out: { type: 'string' }, store: { type: 'string' } }, strict: true }));
 } catch (err) {
   usage((err as Error).message);
 }
 const out = values.out ?? usage('--out is required');
-const dir = values['data-dir'] ?? process.env[SETTINGS.dataDir.env] ?? SETTINGS.dataDir.default;
-const source = join(dir, DB_FILE);
+const store = values.store ?? process.env[SETTINGS.store.env] ?? SETTINGS.store.default;
+if (!SETTINGS.store.schema.safeParse(store).success) usage(`--store ${store} is neither sqlite:DIR nor etcd://HOST:PORT`);
+const spec = parseStore(store);
+if (spec.kind !== 'sqlite') usage(`--store ${store} is etcd, which normserve-backup does not copy: use etcdctl snapshot save (docs/operations.md)`);
+const source = join(spec.dir, DB_FILE);
 if (!existsSync(source)) usage(`no database at ${source}`);
 if (existsSync(out)) usage(`${out} exists already; choose a new file`);
 

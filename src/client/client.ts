@@ -27,7 +27,6 @@ import { NormserveClientError } from './errors.js';
 export { NormserveClientError, type FieldViolation } from './errors.js';
 import { encodeTensor } from '../wire/tensor-codec.js';
 import { clientChannelOptions } from '../wire/transport.js';
-import { ownerIndex } from '../cluster/placement.js';
 import type { SharedMemoryFile } from './shared-memory.js';
 import { RegionPool, type AutoSharedMemory } from './auto-shm.js';
 
@@ -136,21 +135,18 @@ export interface ClientOptions {
   /** Deadline of each call, in milliseconds, over all its attempts; none by default. */
   deadlineMs?: number;
   /**
-   * Retries of calls answered UNAVAILABLE, the one status that means "try again" (default: 4
-   * attempts, backoff from 50 ms doubling to 1 s, with jitter; false: none). A call the server
-   * refused unchanged (a catalogue reason such as BN_ERR_SHUTTING_DOWN) is always retried; after
-   * a transport failure, when the server may have acted, only calls that are safe to repeat are
-   * (reads, and SyncBatchNorm calls, whose steps the server deduplicates).
+   * Retries of calls answered UNAVAILABLE, the one status that means "try again" (default: 8
+   * attempts, backoff from 50 ms doubling to 2 s, with jitter, about 7 s in all; false: none). A
+   * call the server refused unchanged (a catalogue reason such as BN_ERR_SHUTTING_DOWN, or
+   * BN_ERR_SLOT_MOVING while a module changes replicas) is always retried; after a transport
+   * failure, when the server may have acted, only calls that are safe to repeat are (reads, and
+   * SyncBatchNorm calls, whose steps the server deduplicates).
    */
   retry?: RetryPolicy | false;
   /**
-   * The replicas' addresses in ordinal order (the server's --peers; statefulSetPeers() builds
-   * them for the Helm chart). Calls on a module go straight to its owner by the rule of
-   * docs/scale-out.md. Without them, calls go to `address` and follow the owner's address when a
-   * replica answers BN_ERR_NOT_OWNER.
+   * Follow BN_ERR_NOT_OWNER to the replica it names, and remember it for the module (default
+   * true): with replicas on etcd, `address` may be any replica, or a Service in front of them.
    */
-  peers?: readonly string[];
-  /** Follow BN_ERR_NOT_OWNER to the owner it names (default true). */
   followOwner?: boolean;
   /**
    * Shared memory chosen by size and locality: Forward and Backward to a replica on a loopback
@@ -319,10 +315,11 @@ type ServiceKind = keyof Endpoint;
 const UNROUTED = new Set(['Check', 'ListModules', 'RegisterRegion', 'UnregisterRegion', 'ListRegions']);
 /** Owners learnt from BN_ERR_NOT_OWNER answers are kept for this many names. */
 const LEARNT_OWNERS_LIMIT = 65_536;
+/** BN_ERR_NOT_OWNER answers followed by one call (a module can move while the call is on its way). */
+const MAX_HOPS = 4;
 
 export class NormserveClient {
   readonly #address: string;
-  readonly #peers: readonly string[];
   readonly #endpoints = new Map<string, Endpoint>();
   readonly #owners = new Map<string, string>();
   readonly #credentials: ChannelCredentials;
@@ -338,8 +335,7 @@ export class NormserveClient {
   constructor(address: string, options: ClientOptions = {}) {
     this.#address = address;
     this.#followOwner = options.followOwner ?? true;
-    this.#retry = options.retry === false ? { maxAttempts: 1, initialBackoffMs: 0, maxBackoffMs: 0 } : { maxAttempts: 4, initialBackoffMs: 50, maxBackoffMs: 1000, ...options.retry };
-    this.#peers = [...(options.peers ?? [])];
+    this.#retry = options.retry === false ? { maxAttempts: 1, initialBackoffMs: 0, maxBackoffMs: 0 } : { maxAttempts: 8, initialBackoffMs: 50, maxBackoffMs: 2000, ...options.retry };
     this.#credentials = options.credentials ?? grpcCredentials.createInsecure();
     this.#channelOptions = { ...clientChannelOptions(options.flowControlWindow), ...options.channelOptions };
     this.#deadlineMs = options.deadlineMs;
@@ -364,9 +360,8 @@ export class NormserveClient {
     for (const e of this.#endpoints.values()) e.modules.close();
   }
 
-  /** The address the client sends calls on module `name` to (docs/scale-out.md). */
+  /** The address the client sends calls on module `name` to: the owner it learnt, or its own. */
   addressFor(name: string): string {
-    if (this.#peers.length > 0 && !this.#owners.has(name)) return this.#peers[ownerIndex(name, this.#peers.length)]!;
     return this.#owners.get(name) ?? this.#address;
   }
 
@@ -386,10 +381,12 @@ export class NormserveClient {
   }
 
   /**
-   * Runs `attempt` against the replica that owns `name`. When that replica answers
-   * BN_ERR_NOT_OWNER (the client's peers are out of date, or it knows none), runs it once more
-   * against the owner it names: the refused call changed nothing. When a call is answered
-   * UNAVAILABLE, retries it with backoff as the retry policy says. One deadline covers it all.
+   * Runs `attempt` against the replica that owns `name`, as far as the client knows. When a
+   * replica answers BN_ERR_NOT_OWNER, runs it again against the owner it names (the refused call
+   * changed nothing), and remembers that owner. When the owner it remembers fails at the
+   * transport (it has died, and its modules are moving to the others), forgets it, so that calls
+   * go to the client's own address again. When a call is answered UNAVAILABLE, retries it with
+   * backoff as the retry policy says. One deadline covers it all.
    */
   async #routed<T>(name: string | undefined, method: string, attempt: (endpoint: Endpoint, deadline: number | undefined) => Promise<T>, deadlineMs = this.#deadlineMs): Promise<T> {
     const deadline = deadlineMs === undefined ? undefined : Date.now() + deadlineMs;
@@ -400,16 +397,22 @@ export class NormserveClient {
       } catch (err) {
         if (!(err instanceof NormserveClientError)) throw err;
         const owner = err.reason === 'BN_ERR_NOT_OWNER' ? err.info.owner : undefined;
-        if (this.#followOwner && name !== undefined && owner !== undefined && owner !== address && hop < 2) {
+        if (this.#followOwner && name !== undefined && owner !== undefined && owner !== address && hop < MAX_HOPS) {
           hop++;
           if (this.#owners.size >= LEARNT_OWNERS_LIMIT) this.#owners.clear();
           this.#owners.set(name, owner);
           address = owner;
           continue;
         }
+        const lostOwner = name !== undefined && err.code === grpcStatus.UNAVAILABLE && err.reason === undefined && this.#owners.get(name) === address;
+        if (lostOwner) {
+          this.#owners.delete(name);
+          address = this.#address;
+        }
         const backoff = this.#backoff(err, method, tries, deadline);
         if (backoff === undefined) throw err;
         tries++;
+        hop = 0;
         await sleep(backoff);
       }
     }

@@ -8,7 +8,7 @@ import { bnError } from '../errors.js';
 import type { Kernels } from '../kernels/kernels.js';
 import { backward } from '../nn/batch-norm.js';
 import { savedBytesFor, type ContextStore } from '../registry/context-store.js';
-import type { ModuleRegistry } from '../registry/module-registry.js';
+import type { ModuleRegistry, Page } from '../registry/module-registry.js';
 import { configFromWire, loadInputFromWire, moduleToWire, stateToWire, updateFromWire } from '../wire/convert.js';
 import { batchNormService } from '../wire/proto.js';
 import { encodeTensor } from '../wire/tensor-codec.js';
@@ -23,6 +23,8 @@ import { unaryWith } from './unary.js';
 
 export interface BatchNormServiceDeps extends TensorCallContext {
   readonly registry: ModuleRegistry;
+  /** ListModules: this server's modules, or with a shared store the whole cluster's. */
+  readonly listModules: (pageSize: number, pageToken: string, visible: (name: string) => boolean) => Promise<Page>;
   readonly contexts: ContextStore;
   readonly coordinator: Coordinator;
   readonly kernels: Kernels;
@@ -89,14 +91,14 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
   };
 
   const handlers: BatchNormServiceHandlers = {
-    CreateModule: unary('write', (req) => {
+    CreateModule: unary('write', async (req) => {
       const config = configFromWire(req.config);
-      const module = registry.create(req.name, config);
+      const module = await registry.create(req.name, config);
       return moduleToWire(req.name, module);
     }),
     GetModule: unary('read', (req) => moduleToWire(req.name, registry.get(req.name))),
-    ListModules: unary('list', (req, _signal, principal) => {
-      const page = registry.list(req.page_size, req.page_token, (name) => principal.can('read', name));
+    ListModules: unary('list', async (req, _signal, principal) => {
+      const page = await deps.listModules(req.page_size, req.page_token, (name) => principal.can('read', name));
       return { modules: page.modules.map(({ name, module }) => moduleToWire(name, module)), next_page_token: page.nextPageToken };
     }),
     DeleteModule: unary('write', async (req) => {
@@ -104,8 +106,7 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
       contexts.dropModule(req.name);
       coordinator.drop(req.name, `module '${req.name}' was deleted`);
       return {};
-      // A replica that is no longer the owner deletes the copy it holds once it has been moved.
-    }, 'held'),
+    }),
     UpdateModule: unary('write', (req) => {
       const update = updateFromWire(req);
       return registry.exclusive(req.name, (module) => {

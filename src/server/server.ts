@@ -2,7 +2,9 @@
  * The server: grpc-js with the BatchNorm services, the Open Inference Protocol, grpc.health.v1 and
  * reflection, bound to the configured address; and its orderly shutdown.
  */
+import { randomBytes } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { hostname } from 'node:os';
 import { Server, ServerCredentials } from '@grpc/grpc-js';
 import { ReflectionService } from '@grpc/reflection';
 import { HealthImplementation } from 'grpc-health-check';
@@ -10,9 +12,11 @@ import type { Logger } from 'pino';
 import type { Config } from '../config.js';
 import type { Kernels } from '../kernels/kernels.js';
 import { ContextStore } from '../registry/context-store.js';
-import { ModuleRegistry } from '../registry/module-registry.js';
+import { ModuleRegistry, pageRequest, pageTokenAfter, type Page } from '../registry/module-registry.js';
+import { BatchNorm } from '../nn/batch-norm.js';
 import { Persistence } from '../store/persistence.js';
 import { SqliteStore } from '../store/sqlite-store.js';
+import type { Store, Stored } from '../store/store.js';
 import { packageDefinition } from '../wire/proto.js';
 import { bnError } from '../errors.js';
 import { Coordinator } from '../sync/coordinator.js';
@@ -26,7 +30,9 @@ import { Metrics } from './metrics.js';
 import { createGrpcServer } from '../wire/transport.js';
 import { PlainCopies, StreamBudget } from './tensor-call.js';
 import { RegionRegistry } from './shared-memory.js';
-import { parsePeers, Placement } from '../cluster/placement.js';
+import { parseStore } from '../config.js';
+import { EtcdCluster } from '../cluster/etcd-cluster.js';
+import { slotOf } from '../cluster/slots.js';
 
 export { BATCH_NORM_SERVICE_NAME, SYNC_SERVICE_NAME } from '../wire/proto.js';
 /**
@@ -35,13 +41,22 @@ export { BATCH_NORM_SERVICE_NAME, SYNC_SERVICE_NAME } from '../wire/proto.js';
  */
 export const LIVENESS_SERVICE_NAME = 'liveness';
 
+/** How long one request to etcd may take before its answer counts as lost. */
+const ETCD_REQUEST_TIMEOUT_MS = 5000;
+
 export interface RunningServer {
   readonly port: number;
   readonly metricsPort: number;
   /** The plaintext health-only port, or 0 when there is none. */
   readonly healthPort: number;
   readonly metrics: Metrics;
-  readonly placement: Placement;
+  /** With an etcd store: this replica's membership, and the slots it owns. */
+  readonly cluster: EtcdCluster | undefined;
+  /**
+   * Settles once the replica has joined its cluster in etcd (at once for sqlite); rejects when it
+   * cannot, for a reason that waiting does not mend (another cluster's keys under the prefix).
+   */
+  readonly joined: Promise<void>;
   readonly registry: ModuleRegistry;
   readonly contexts: ContextStore;
   readonly coordinator: Coordinator;
@@ -66,13 +81,13 @@ export async function startServer(
     | 'port'
     | 'metricsPort'
     | 'healthPort'
-    | 'peers'
-    | 'selfAddress'
+    | 'store'
+    | 'advertiseAddress'
+    | 'leaseTtlSeconds'
     | 'tlsCert'
     | 'tlsKey'
     | 'tlsClientCa'
     | 'authTokensFile'
-    | 'dataDir'
     | 'durability'
     | 'checkpointMs'
     | 'maxMessageBytes'
@@ -112,32 +127,68 @@ export async function startServer(
     flowControlWindow: config.flowControlWindow,
     interceptors: [callLogInterceptor(logger, metrics)],
   });
-  // Restore before serving: readiness is only reported once every module is back.
-  const store = new SqliteStore(config.dataDir, config.stepResultsKept);
+  // The store. SQLite: one server owns every module, restored before serving (readiness is only
+  // reported once every module is back). etcd: the replica joins the cluster once its port is
+  // bound, and takes its slots' modules from etcd as it comes to own them.
+  const spec = parseStore(config.store);
+  const sqlite = spec.kind === 'sqlite' ? new SqliteStore(spec.dir, config.stepResultsKept) : undefined;
+  const member = `${hostname()}-${randomBytes(4).toString('hex')}`;
+  let cluster: EtcdCluster | undefined;
+  let store: Store;
+  if (spec.kind === 'etcd') {
+    cluster = new EtcdCluster({
+      endpoints: spec.endpoints,
+      prefix: spec.prefix,
+      member,
+      leaseTtlSeconds: config.leaseTtlSeconds,
+      requestTimeoutMs: ETCD_REQUEST_TIMEOUT_MS,
+      keepSteps: config.stepResultsKept,
+      logger,
+    });
+    store = cluster.store;
+  } else {
+    store = sqlite!;
+  }
   const persistence = new Persistence(store, {
     durability: config.durability,
     checkpointMs: config.checkpointMs,
     logger,
     onWrite: (seconds) => metrics.observeStoreWrite(seconds),
   });
-  const stored = store.load();
-  registry = new ModuleRegistry(config.maxModules, persistence, config.maxCallsPerModule);
-  registry.restore(stored.modules);
-  const placement = new Placement(parsePeers(config.peers), config.selfAddress, (name) => registry.has(name));
+  const ownership = cluster;
+  registry = new ModuleRegistry(config.maxModules, persistence, { maxQueued: config.maxCallsPerModule, ...(ownership && { guard: (name: string) => ownership.check(name) }) });
   contexts = new ContextStore(config.contextBudgetBytes, config.contextTtlMs, (e) => {
     metrics.contextDropped(e.reason);
     logger.warn({ module: e.module, context_id: e.id, bytes: e.bytes, reason: e.reason }, 'saved context dropped before its backward');
   });
   coordinator = new Coordinator(registry, { stepTimeoutMs: config.stepTimeoutMs, keepSteps: config.stepResultsKept });
-  coordinator.restore(stored.steps);
-  logger.info({ store: store.location, durability: config.durability, modules: stored.modules.length, steps: stored.steps.length }, 'state restored');
+  const restore = (stored: Stored) => {
+    registry.restore(stored.modules);
+    coordinator.restore(stored.steps);
+  };
+  if (sqlite) {
+    const stored = sqlite.load();
+    restore(stored);
+    logger.info({ store: sqlite.location, durability: config.durability, modules: stored.modules.length, steps: stored.steps.length }, 'state restored');
+  }
+  const listModules = cluster
+    ? async (pageSize: number, pageToken: string, visible: (name: string) => boolean): Promise<Page> => {
+        const { after, size } = pageRequest(pageSize, pageToken);
+        const { modules, more } = await cluster!.store.list(after, size, visible);
+        return {
+          modules: modules.map(({ name, snapshot }) => ({ name, module: BatchNorm.fromSnapshot(snapshot) })),
+          nextPageToken: more && modules.length > 0 ? pageTokenAfter(modules[modules.length - 1]!.name) : '',
+        };
+      }
+    : async (pageSize: number, pageToken: string, visible: (name: string) => boolean) => registry.list(pageSize, pageToken, visible);
   let draining = false;
   // Set with health SERVING: the state is restored and every port is up.
   let serving = false;
   const auth = config.authTokensFile ? Authenticator.fromFile(config.authTokensFile) : Authenticator.disabled();
   const serviceDeps = {
     auth,
-    placement,
+    ownership,
+    listModules,
     registry,
     contexts,
     coordinator,
@@ -178,15 +229,40 @@ export async function startServer(
   logger.info({ tls: config.tlsCert !== '', mutual_tls: config.tlsClientCa !== '', authentication: auth.enabled }, 'transport security');
   const metricsServer = await metrics.serve(config.host, config.metricsPort);
   const healthServer = config.healthPort === 0 ? undefined : await serveHealthOnly(health, host, config.healthPort);
-  logger.info({ peers: placement.peers, self: config.selfAddress || undefined, replicas: placement.replicas, owns: placement.owns }, 'placement');
-  if (!placement.owns) logger.warn({ self: config.selfAddress }, 'this replica is not among its peers: it owns no module and serves only reads and deletes of the copies it holds');
-  for (const s of services) health.setStatus(s, 'SERVING');
-  serving = true;
+  let joined: Promise<void> = Promise.resolve();
+  if (cluster) {
+    const address = config.advertiseAddress || `${hostname()}:${port}`;
+    joined = cluster
+      .join(address, {
+        open: (_slot, stored) => restore(stored),
+        close: async (slot, error) => {
+          const inSlot = (name: string) => slotOf(name) === slot;
+          // Ranks waiting in a step of these modules go where the modules go.
+          coordinator.dropWhere(inSlot, error);
+          for (const name of await registry.evict(inSlot)) contexts.dropModule(name);
+        },
+      })
+      .then(() => logger.info({ store: store.location, member, address }, 'serving from etcd'));
+  }
+  // Ready: restored (sqlite) or joined with a lease etcd confirms (etcd), and not draining.
+  const ready = () => !draining && (cluster === undefined || cluster.confirmed);
+  let reported = false;
+  const report = () => {
+    serving = ready();
+    if (serving === reported) return;
+    reported = serving;
+    for (const s of services) health.setStatus(s, serving ? 'SERVING' : 'NOT_SERVING');
+    if (cluster) logger.info({ ready: serving, slots: cluster.serving }, serving ? 'ready' : 'not ready: etcd does not confirm the lease');
+  };
+  report();
+  const readiness = cluster ? setInterval(report, 250) : undefined;
+  readiness?.unref();
 
   let closing: Promise<void> | undefined;
   const shutdown = (graceMs: number) => {
     closing ??= (async () => {
       draining = true;
+      clearInterval(readiness);
       for (const s of services) health.setStatus(s, 'NOT_SERVING');
       // Ranks waiting in a step would wait out the grace period: end their steps now.
       coordinator.abortAll(bnError('BN_ERR_SHUTTING_DOWN', {}));
@@ -204,14 +280,16 @@ export async function startServer(
       });
       contexts.close();
       await regions.close();
-      persistence.close();
+      await persistence.close();
+      // After the drain: the slots move to the other replicas at once.
+      await cluster?.leave();
       await metricsServer.close();
       healthServer?.forceShutdown();
       await kernels.dispose();
     })();
     return closing;
   };
-  return { port, metricsPort: metricsServer.port, healthPort: healthServer?.port ?? 0, metrics, placement, registry, contexts, coordinator, inFlight: () => serviceDeps.inFlight.count, shutdown };
+  return { port, metricsPort: metricsServer.port, healthPort: healthServer?.port ?? 0, metrics, cluster, joined, registry, contexts, coordinator, inFlight: () => serviceDeps.inFlight.count, shutdown };
 }
 
 /**

@@ -6,7 +6,6 @@
 import type { Deadline, Metadata, ServerUnaryCall, sendUnaryData } from '@grpc/grpc-js';
 import type { Logger } from 'pino';
 import { bnError } from '../errors.js';
-import type { Locality, Placement } from '../cluster/placement.js';
 import type { Access, Authenticator, Principal } from './auth.js';
 import { toServiceError } from './status.js';
 
@@ -19,8 +18,11 @@ export interface CallContext {
   /** At most this many handlers run at once. */
   readonly maxCalls: number;
   readonly auth: Authenticator;
-  /** Which replica owns which module; calls on another replica's modules are refused. */
-  readonly placement?: Placement;
+  /**
+   * Which replica owns which module (with a shared store): throws BN_ERR_NOT_OWNER, or
+   * BN_ERR_SLOT_MOVING, for a module this replica may not serve now. A single server owns all.
+   */
+  readonly ownership?: { check(name: string): void };
   /** Takes back tensors a call owned once its answer is sent (Kernels.release). */
   readonly release?: (tensor: Float32Array) => void;
 }
@@ -58,25 +60,14 @@ export function moduleNameOf(request: unknown): string {
 }
 
 /**
- * Reads may be served by a replica that still holds a copy of the module, writes only by its
- * owner (Placement); `list` names no module.
- */
-export const defaultLocality = (requirement: Requirement): Locality => (requirement === 'write' ? 'owner' : 'held');
-
-/**
  * Refuses a principal the access a call needs to the module it names, then a call on a module
- * this replica may not serve (BN_ERR_NOT_OWNER, with the owner's address).
+ * this replica may not serve (BN_ERR_NOT_OWNER with the owner's address, or BN_ERR_SLOT_MOVING);
+ * `list` names no module.
  */
-export function authorize(
-  ctx: Pick<CallContext, 'placement'>,
-  principal: Principal,
-  requirement: Requirement,
-  name: string,
-  locality: Locality = defaultLocality(requirement),
-): void {
+export function authorize(ctx: Pick<CallContext, 'ownership'>, principal: Principal, requirement: Requirement, name: string): void {
   if (requirement === 'list') return;
   if (!principal.can(requirement, name)) throw bnError('BN_ERR_PERMISSION_DENIED', { id: principal.id, access: requirement, name });
-  ctx.placement?.check(name, locality);
+  ctx.ownership?.check(name);
 }
 
 /**
@@ -116,12 +107,11 @@ export function admit(
 }
 
 export function unaryWith(ctx: CallContext) {
-  /** `locality` overrides who may serve the call (default: defaultLocality(requirement)). */
-  return function unary<Req, Res>(requirement: Requirement, handler: Handler<Req, Res>, locality?: Locality) {
+  return function unary<Req, Res>(requirement: Requirement, handler: Handler<Req, Res>) {
     return (call: ServerUnaryCall<Req, Res>, callback: sendUnaryData<Res>) => {
       let admission: Admission;
       try {
-        admission = admit(ctx, call, (principal) => authorize(ctx, principal, requirement, moduleNameOf(call.request), locality));
+        admission = admit(ctx, call, (principal) => authorize(ctx, principal, requirement, moduleNameOf(call.request)));
       } catch (err) {
         callback(toServiceError(err, ctx.logger));
         return;

@@ -1,7 +1,8 @@
 /**
- * When changes reach the store. `strict` (the default): before the call that made them is
- * answered; a write that fails fails the call. `relaxed`: changed modules are written together
- * every `checkpointMs`, and at shutdown; a crash loses at most the changes of the last interval.
+ * When changes reach the store. `strict` (the default, and the only mode of a shared store): before
+ * the call that made them is answered; a write that fails fails the call. `relaxed` (SQLite only):
+ * changed modules are written together every `checkpointMs`, and at shutdown; a crash loses at
+ * most the changes of the last interval.
  */
 import type { Logger } from 'pino';
 import type { ModuleSnapshot } from '../nn/batch-norm.js';
@@ -17,18 +18,22 @@ export interface PersistenceOptions {
   readonly onWrite?: (seconds: number) => void;
 }
 
+const done = Promise.resolve();
+
 export class Persistence {
   readonly #pendingModules = new Map<string, () => ModuleSnapshot>();
   readonly #pendingDeletes = new Set<string>();
   #pendingSteps: StepRecord[] = [];
   readonly #timer: NodeJS.Timeout | undefined;
+  /** The checkpoint being written, so that close() waits for it. */
+  #checkpointing: Promise<void> = done;
 
   constructor(
     private readonly store: Store,
     private readonly opts: PersistenceOptions,
   ) {
     if (opts.durability === 'relaxed') {
-      this.#timer = setInterval(() => this.#checkpoint(), opts.checkpointMs);
+      this.#timer = setInterval(() => void this.#checkpoint(), opts.checkpointMs);
       this.#timer.unref();
     }
   }
@@ -39,61 +44,63 @@ export class Persistence {
 
   /**
    * Records a module's state (read from `snapshot` now in strict mode, at the next checkpoint in
-   * relaxed mode) and the group step that produced it, if any. Throws when a strict write fails.
+   * relaxed mode) and the group step that produced it, if any. In strict mode the promise settles
+   * with the write: it rejects as Store.write does.
    */
-  saveModule(name: string, snapshot: () => ModuleSnapshot, step?: StepRecord): void {
-    if (this.strict) {
-      this.#write({ modules: [{ name, snapshot: snapshot() }], steps: step ? [step] : [] });
-      return;
-    }
+  saveModule(name: string, snapshot: () => ModuleSnapshot, step?: StepRecord): Promise<void> {
+    if (this.strict) return this.#write({ modules: [{ name, snapshot: snapshot() }], steps: step ? [step] : [] });
     this.#pendingDeletes.delete(name);
     this.#pendingModules.set(name, snapshot);
     if (step) this.#pendingSteps.push(step);
+    return done;
   }
 
   /** Records a group step that changed no module (a backward step). */
-  saveStep(step: StepRecord): void {
-    if (this.strict) this.#write({ steps: [step] });
-    else this.#pendingSteps.push(step);
+  saveStep(step: StepRecord): Promise<void> {
+    if (this.strict) return this.#write({ steps: [step] });
+    this.#pendingSteps.push(step);
+    return done;
   }
 
-  deleteModule(name: string): void {
-    if (this.strict) {
-      this.#write({ deleted: [name] });
-      return;
-    }
+  deleteModule(name: string): Promise<void> {
+    if (this.strict) return this.#write({ deleted: [name] });
     this.#pendingModules.delete(name);
     this.#pendingSteps = this.#pendingSteps.filter((s) => s.module !== name);
     this.#pendingDeletes.add(name);
+    return done;
   }
 
   /** Writes what is pending (relaxed mode) and closes the store. */
-  close(): void {
+  async close(): Promise<void> {
     clearInterval(this.#timer);
-    this.#checkpoint();
-    this.store.close();
+    await this.#checkpointing;
+    await this.#checkpoint();
+    await this.store.close();
   }
 
-  #checkpoint(): void {
-    if (this.#pendingModules.size === 0 && this.#pendingDeletes.size === 0 && this.#pendingSteps.length === 0) return;
+  #checkpoint(): Promise<void> {
+    if (this.#pendingModules.size === 0 && this.#pendingDeletes.size === 0 && this.#pendingSteps.length === 0) return this.#checkpointing;
     const changes: Changes = {
       deleted: [...this.#pendingDeletes],
       modules: [...this.#pendingModules].map(([name, snapshot]) => ({ name, snapshot: snapshot() })),
       steps: this.#pendingSteps,
     };
-    try {
-      this.#write(changes);
-      this.#pendingDeletes.clear();
-      this.#pendingModules.clear();
-      this.#pendingSteps = [];
-    } catch (err) {
+    this.#pendingDeletes.clear();
+    this.#pendingModules.clear();
+    this.#pendingSteps = [];
+    this.#checkpointing = this.#write(changes).catch((err: unknown) => {
+      // Put back what did not reach the store, under anything recorded since.
+      for (const name of changes.deleted ?? []) if (!this.#pendingModules.has(name)) this.#pendingDeletes.add(name);
+      for (const { name, snapshot } of changes.modules ?? []) if (!this.#pendingModules.has(name) && !this.#pendingDeletes.has(name)) this.#pendingModules.set(name, () => snapshot);
+      this.#pendingSteps = [...(changes.steps ?? []), ...this.#pendingSteps];
       this.opts.logger.error({ err }, 'checkpoint failed; retrying at the next one');
-    }
+    });
+    return this.#checkpointing;
   }
 
-  #write(changes: Changes): void {
+  async #write(changes: Changes): Promise<void> {
     const started = process.hrtime.bigint();
-    this.store.write(changes);
+    await this.store.write(changes);
     this.opts.onWrite?.(Number(process.hrtime.bigint() - started) / 1e9);
   }
 }

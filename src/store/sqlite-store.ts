@@ -9,7 +9,7 @@ import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import type { ModuleSnapshot } from '../nn/batch-norm.js';
 import type { ModuleConfig } from '../nn/config.js';
-import type { Changes, Store, Stored, StepRecord } from './store.js';
+import { floatBytes, floatsOf, type Changes, type Store, type Stored, type StepRecord } from './store.js';
 
 export const DB_FILE = 'normserve.db';
 
@@ -42,15 +42,6 @@ export const SCHEMA_VERSION = MIGRATIONS.length;
 
 export class StoreError extends Error {
   override readonly name = 'StoreError';
-}
-
-const blob = (a: Float32Array | null) => (a === null ? null : Buffer.from(a.buffer, a.byteOffset, a.byteLength));
-
-function floats(b: Buffer | null): Float32Array | null {
-  if (b === null) return null;
-  const out = new Float32Array(b.byteLength / 4);
-  new Uint8Array(out.buffer).set(b);
-  return out;
 }
 
 interface ModuleRow {
@@ -121,10 +112,10 @@ export class SqliteStore implements Store {
           track: s.trackRunningStats ? 1 : 0,
           eps: s.eps,
           momentum: s.momentum,
-          weight: blob(s.weight),
-          bias: blob(s.bias),
-          running_mean: blob(s.runningMean),
-          running_var: blob(s.runningVar),
+          weight: floatBytes(s.weight),
+          bias: floatBytes(s.bias),
+          running_mean: floatBytes(s.runningMean),
+          running_var: floatBytes(s.runningVar),
           nbt: s.numBatchesTracked,
           updated_at: now,
         });
@@ -145,10 +136,10 @@ export class SqliteStore implements Store {
         trackRunningStats: r.track_running_stats === 1n,
         eps: Number(r.eps),
         momentum: r.momentum === null ? null : Number(r.momentum),
-        weight: floats(r.weight),
-        bias: floats(r.bias),
-        runningMean: floats(r.running_mean),
-        runningVar: floats(r.running_var),
+        weight: floatsOf(r.weight),
+        bias: floatsOf(r.bias),
+        runningMean: floatsOf(r.running_mean),
+        runningVar: floatsOf(r.running_var),
         numBatchesTracked: r.num_batches_tracked,
       } satisfies ModuleSnapshot,
     }));
@@ -164,11 +155,12 @@ export class SqliteStore implements Store {
     return { modules, steps };
   }
 
-  write(changes: Changes): void {
+  /** One SQLite transaction, committed (and synced) before the promise settles. */
+  async write(changes: Changes): Promise<void> {
     this.#write(changes);
   }
 
-  close(): void {
+  async close(): Promise<void> {
     if (this.#db.open) this.#db.close();
   }
 }

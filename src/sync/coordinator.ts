@@ -116,6 +116,15 @@ export class Coordinator {
     this.#groups.delete(name);
   }
 
+  /** Forgets the groups of the modules `which` selects (their slot moved), ending their open steps with `error`. */
+  dropWhere(which: (name: string) => boolean, error: (name: string) => NormserveError): void {
+    for (const name of [...this.#groups.keys()]) {
+      if (!which(name)) continue;
+      this.abort(name, error(name));
+      this.#groups.delete(name);
+    }
+  }
+
   abortAll(err: NormserveError): void {
     for (const name of this.#groups.keys()) this.abort(name, err);
   }

@@ -16,7 +16,7 @@ const BACKUP = 'dist/src/cli/backup.js';
 describe('normserve-backup', () => {
   it('copies a serving replica\'s database, and a server restores every module from the copy', async () => {
     const dataDir = mkdtempSync(join(tmpdir(), 'normserve-backup-'));
-    const server = await startMain(['--host', '127.0.0.1', '--port', '0', '--backend', 'native'], { NORMSERVE_DATA_DIR: dataDir });
+    const server = await startMain(['--host', '127.0.0.1', '--port', '0', '--backend', 'native'], { NORMSERVE_STORE: `sqlite:${dataDir}` });
     const client = new NormserveClient(`127.0.0.1:${server.port}`);
     const names = Array.from({ length: 20 }, (_, i) => `backup/m${i}`);
     for (const [i, name] of names.entries()) {
@@ -30,7 +30,7 @@ describe('normserve-backup', () => {
       while (training) await client.forward(names[0]!, { shape: [2, 4, 3, 3], data: channelData(2, 4, 9, 0, 1, 99) });
     })();
     const out = join(mkdtempSync(join(tmpdir(), 'normserve-backup-out-')), 'copy.db');
-    const r = await runNode(BACKUP, ['--out', out, '--data-dir', dataDir]);
+    const r = await runNode(BACKUP, ['--out', out, '--store', `sqlite:${dataDir}`]);
     training = false;
     await busy;
     expect(r.stderr).toBe('');
@@ -41,7 +41,7 @@ describe('normserve-backup', () => {
 
     const restored = mkdtempSync(join(tmpdir(), 'normserve-restored-'));
     copyFileSync(out, join(restored, DB_FILE));
-    const again = await startMain(['--host', '127.0.0.1', '--port', '0', '--backend', 'native'], { NORMSERVE_DATA_DIR: restored });
+    const again = await startMain(['--host', '127.0.0.1', '--port', '0', '--backend', 'native'], { NORMSERVE_STORE: `sqlite:${restored}` });
     const c2 = new NormserveClient(`127.0.0.1:${again.port}`);
     expect((await c2.listModules(100)).modules.map((m) => m.name).sort()).toEqual([...names].sort());
     for (const [i, name] of names.entries()) {
@@ -60,9 +60,11 @@ describe('normserve-backup', () => {
     writeFileSync(existing, '');
     writeFileSync(join(dir, DB_FILE), '');
     const cases: [string[], RegExp][] = [
-      [['--data-dir', dir], /--out is required/],
-      [['--out', existing, '--data-dir', dir], /exists already; choose a new file/],
-      [['--out', join(dir, 'x.db'), '--data-dir', join(dir, 'empty')], /no database at .*empty\/normserve\.db/],
+      [['--store', `sqlite:${dir}`], /--out is required/],
+      [['--out', existing, '--store', `sqlite:${dir}`], /exists already; choose a new file/],
+      [['--out', join(dir, 'x.db'), '--store', `sqlite:${join(dir, 'empty')}`], /no database at .*empty\/normserve\.db/],
+      [['--out', join(dir, 'x.db'), '--store', 'etcd://127.0.0.1:2379'], /is etcd, which normserve-backup does not copy: use etcdctl snapshot save/],
+      [['--out', join(dir, 'x.db'), '--store', 'mysql://x'], /is neither sqlite:DIR nor etcd:\/\/HOST:PORT/],
       [['--out', join(dir, 'x.db'), '--bogus'], /Unknown option '--bogus'/],
     ];
     for (const [args, message] of cases) {

@@ -26,7 +26,7 @@ async function everything(client: NormserveClient) {
 describe('a restart', () => {
   it('brings every module back bit for bit', async () => {
     const dataDir = tempDir();
-    let server = await startTestServer({ dataDir });
+    let server = await startTestServer({ store: `sqlite:${dataDir}` });
     let client = new NormserveClient(server.address);
     await client.createModule('a/bn2d', { kind: 'BATCH_NORM_2D', numFeatures: 3, momentum: null });
     await client.createModule('a/bn1d', { kind: 'BATCH_NORM_1D', numFeatures: 4, affine: false, eps: 0 });
@@ -44,7 +44,7 @@ describe('a restart', () => {
     client.close();
     await server.stop();
 
-    server = await startTestServer({ dataDir });
+    server = await startTestServer({ store: `sqlite:${dataDir}` });
     client = new NormserveClient(server.address);
     expect(await everything(client)).toEqual(before);
     // And they keep working where they left off.
@@ -56,7 +56,7 @@ describe('a restart', () => {
 
   it('answers a retry of a group step that completed before it with the committed result', async () => {
     const dataDir = tempDir();
-    let server = await startTestServer({ dataDir });
+    let server = await startTestServer({ store: `sqlite:${dataDir}` });
     let client = new NormserveClient(server.address);
     await client.createModule('g', { kind: 'SYNC_BATCH_NORM', numFeatures: 2, worldSize: 2 });
     const stats = (rank: number) => ({ count: 4, mean: [rank, -rank], var: [1, 1 + rank] });
@@ -67,7 +67,7 @@ describe('a restart', () => {
     client.close();
     await server.stop();
 
-    server = await startTestServer({ dataDir });
+    server = await startTestServer({ store: `sqlite:${dataDir}` });
     client = new NormserveClient(server.address);
     expect(await client.gatherStats('g', ref(2, 0), stats(2))).toEqual(committed);
     expect(await client.getState('g')).toEqual(state);

@@ -2,8 +2,8 @@
  * The Open Inference Protocol (inference.GRPCInferenceService) through real servers, with grpc-js
  * stubs built from its proto and with requests built as tritonclient builds them (in Python):
  * every RPC; answers equal to Forward's in eval mode bit for bit, while the module trains and
- * without changing it; every error with its status and message; tokens, --max-calls, placement
- * and the drain as for normserve's own calls.
+ * without changing it; every error with its status and message; tokens, --max-calls and the
+ * drain as for normserve's own calls (ownership across replicas: etcd-cluster.test.ts).
  */
 import { execFile } from 'node:child_process';
 import { createHash } from 'node:crypto';
@@ -26,12 +26,10 @@ import {
 import { loadSync } from '@grpc/proto-loader';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NormserveClient, type ModuleSpec } from '../../src/client/client.js';
-import { ownerIndex } from '../../src/cluster/placement.js';
 import type { GRPCInferenceServiceClient } from '../../src/generated/inference/GRPCInferenceService.js';
 import type { ModelInferRequest, _inference_ModelInferRequest_InferInputTensor as InputTensor } from '../../src/generated/inference/ModelInferRequest.js';
 import type { ModelInferResponse__Output } from '../../src/generated/inference/ModelInferResponse.js';
 import type { ModelMetadataResponse__Output } from '../../src/generated/inference/ModelMetadataResponse.js';
-import { resolveConfig } from '../../src/nn/config.js';
 import { grpcObject } from '../../src/wire/proto.js';
 import { channelData } from '../support/data.js';
 import { capturedLogger } from '../support/log-capture.js';
@@ -491,7 +489,7 @@ describe('with bearer tokens', () => {
   });
 });
 
-describe('limits, placement and the drain', () => {
+describe('limits and the drain', () => {
   const shape = [2, 2];
   const x = Float32Array.of(1, 2, 3, 4);
   const until = async (condition: () => boolean) => {
@@ -514,37 +512,6 @@ describe('limits, placement and the drain', () => {
     release();
     await holder;
     expect((await inflight).outputs[0]!.shape).toEqual(['2', '2']);
-  });
-
-  it("sends calls on another replica's model to its owner (FAILED_PRECONDITION), and serves a copy held here", async () => {
-    const peers = ['self.test:1', 'other.test:2'];
-    const server = await serve({ peers: peers.join(','), selfAddress: peers[0]! });
-    const stub = connect(server.address);
-    const names = Array.from({ length: 40 }, (_, i) => `placed/m${i}`);
-    const mine = names.find((n) => ownerIndex(n, 2) === 0)!;
-    const theirs = names.filter((n) => ownerIndex(n, 2) === 1);
-    await normserve(server.address).createModule(mine, { kind: 'BATCH_NORM_1D', numFeatures: 2 });
-    expect(await rpc(stub, 'ModelReady', { name: mine })).toEqual({ ready: true });
-    expect((await infer(stub, request(mine, shape, x))).model_name).toBe(mine);
-
-    const elsewhere = theirs[0]!;
-    for (const [method, req] of [
-      ['ModelInfer', request(elsewhere, shape, x)],
-      ['ModelReady', { name: elsewhere }],
-      ['ModelMetadata', { name: elsewhere }],
-    ] as const) {
-      expect(await rejection(rpc(stub, method, req)), method).toMatchObject({
-        code: status.FAILED_PRECONDITION,
-        reason: 'BN_ERR_NOT_OWNER',
-        info: { owner: 'other.test:2', owner_index: '1', replicas: '2' },
-        message: `module '${elsewhere}' belongs to replica 1 of 2 at other.test:2, not to this one (self.test:1); send its calls there (google.rpc.ErrorInfo metadata 'owner' has the address)`,
-      });
-    }
-    // A copy left here by a change of replica count is served until it has moved, as reads are.
-    const held = theirs[1]!;
-    server.running.registry.create(held, resolveConfig({ kind: 'BATCH_NORM_1D', numFeatures: 2n, cumulativeAverage: false }));
-    expect(await rpc(stub, 'ModelReady', { name: held })).toEqual({ ready: true });
-    expect((await infer(stub, request(held, shape, x))).model_name).toBe(held);
   });
 
   it('stays live but not ready while draining, and refuses new inference with UNAVAILABLE', async () => {

@@ -6,17 +6,18 @@
 import { spawn, type ChildProcessWithoutNullStreams } from 'node:child_process';
 import { once } from 'node:events';
 import { existsSync, mkdtempSync } from 'node:fs';
-import { createServer } from 'node:net';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { createInterface } from 'node:readline';
 import { expect } from 'vitest';
 
+export { freePorts } from '../../bench/server-process.js';
+
 export const MAIN = 'dist/src/main.js';
 
-/** Each start gets its own data directory unless the caller gives one. */
+/** Each start gets its own SQLite store in a new directory unless the caller gives a store. */
 function withDataDir(env: NodeJS.ProcessEnv): NodeJS.ProcessEnv {
-  return { NORMSERVE_DATA_DIR: mkdtempSync(join(tmpdir(), 'normserve-cli-')), NORMSERVE_METRICS_PORT: '0', ...process.env, ...env };
+  return { NORMSERVE_STORE: `sqlite:${mkdtempSync(join(tmpdir(), 'normserve-cli-'))}`, NORMSERVE_METRICS_PORT: '0', ...process.env, ...env };
 }
 
 export interface Started {
@@ -44,6 +45,7 @@ export async function startMain(args: string[], env: NodeJS.ProcessEnv = {}, scr
       if (entry.msg === 'normserve listening') resolve(entry.port as number);
     });
     void exit.then((code) => reject(new Error(`exited with ${code} before listening: ${stderr}`)));
+    setTimeout(() => reject(new Error(`not listening after 30 s (it logs 'normserve listening' at info): ${stderr}`)), 30_000).unref();
   });
   return {
     child,
@@ -73,17 +75,3 @@ export function runNode(script: string, args: string[], env: NodeJS.ProcessEnv =
   return runCommand(process.execPath, [script, ...args], withDataDir(env));
 }
 
-/** `n` loopback ports that were free a moment ago (for replicas that must know each other's address before they start). */
-export async function freePorts(n: number): Promise<number[]> {
-  const servers = await Promise.all(
-    Array.from({ length: n }, async () => {
-      const s = createServer();
-      s.listen(0, '127.0.0.1');
-      await once(s, 'listening');
-      return s;
-    }),
-  );
-  const ports = servers.map((s) => (s.address() as { port: number }).port);
-  await Promise.all(servers.map((s) => new Promise((r) => s.close(r))));
-  return ports;
-}

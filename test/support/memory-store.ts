@@ -12,7 +12,7 @@ export class MemoryStore implements Store {
     return { modules: [], steps: [] };
   }
 
-  write(changes: Changes): void {
+  async write(changes: Changes): Promise<void> {
     if (this.failNext) {
       this.failNext = false;
       throw new Error('disk full');
@@ -20,7 +20,7 @@ export class MemoryStore implements Store {
     this.writes.push(changes);
   }
 
-  close(): void {}
+  async close(): Promise<void> {}
 }
 
 export function memoryPersistence(store = new MemoryStore()): Persistence {

@@ -13,9 +13,10 @@ export interface TestServer {
   stop(): Promise<void>;
 }
 
+/** `overrides.store` defaults to a database in a new temporary directory. */
 export async function startTestServer(overrides: Partial<Config> = {}, logger: Logger = pino({ level: 'silent' })): Promise<TestServer> {
-  const dataDir = overrides.dataDir ?? mkdtempSync(join(tmpdir(), 'normserve-test-'));
-  const config = defaultConfig({ host: '127.0.0.1', port: 0, metricsPort: 0, backend: 'native', ...overrides, dataDir });
+  const store = overrides.store ?? `sqlite:${mkdtempSync(join(tmpdir(), 'normserve-test-'))}`;
+  const config = defaultConfig({ host: '127.0.0.1', port: 0, metricsPort: 0, backend: 'native', ...overrides, store });
   const { kernels } = await selectKernels(config.backend);
   const running = await startServer(config, { kernels, logger });
   return {

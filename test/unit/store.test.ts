@@ -31,15 +31,15 @@ function oddModule() {
 const step = (n: bigint): StepRecord => ({ module: 'g', phase: 'forward', step: n, keys: new Map([[0, 'a'], [1, 'b']]), result: `{"n":${n}}` });
 
 describe('SqliteStore', () => {
-  it('gives back every module bit for bit, NaN, -0, subnormals, None buffers and 64-bit counters included', () => {
+  it('gives back every module bit for bit, NaN, -0, subnormals, None buffers and 64-bit counters included', async () => {
     const d = dir();
     const m = oddModule();
     const store = new SqliteStore(d, 4);
-    store.write({ modules: [{ name: 'odd', snapshot: m.snapshot() }] });
-    store.close();
+    await store.write({ modules: [{ name: 'odd', snapshot: m.snapshot() }] });
+    await store.close();
     const again = new SqliteStore(d, 4);
     const [row] = again.load().modules;
-    again.close();
+    await again.close();
     expect(row!.name).toBe('odd');
     const restored = BatchNorm.fromSnapshot(row!.snapshot);
     expect(restored.snapshot()).toEqual(m.snapshot());
@@ -48,31 +48,31 @@ describe('SqliteStore', () => {
     expect(restored.repr).toBe(m.repr);
   });
 
-  it('keeps the newest steps per module and phase, and deletes a module with its steps', () => {
+  it('keeps the newest steps per module and phase, and deletes a module with its steps', async () => {
     const d = dir();
     const store = new SqliteStore(d, 3);
-    for (let n = 0n; n < 6n; n++) store.write({ steps: [step(n)] });
+    for (let n = 0n; n < 6n; n++) await store.write({ steps: [step(n)] });
     expect(store.load().steps.map((s) => s.step)).toEqual([3n, 4n, 5n]);
     expect(store.load().steps[0]!.keys).toEqual(new Map([[0, 'a'], [1, 'b']]));
-    store.write({ deleted: ['g'] });
+    await store.write({ deleted: ['g'] });
     expect(store.load().steps).toEqual([]);
-    store.close();
+    await store.close();
   });
 
-  it('writes a module and its step in one transaction: both or neither', () => {
+  it('writes a module and its step in one transaction: both or neither', async () => {
     const d = dir();
     const store = new SqliteStore(d, 3);
     const m = oddModule();
     // A step whose keys cannot be serialised fails the transaction after the module row was written.
     const bad = { ...step(1n), keys: { entries: () => { throw new Error('boom'); } } as unknown as Map<number, string> };
-    expect(() => store.write({ modules: [{ name: 'odd', snapshot: m.snapshot() }], steps: [bad] })).toThrow();
+    await expect(store.write({ modules: [{ name: 'odd', snapshot: m.snapshot() }], steps: [bad] })).rejects.toThrow();
     expect(store.load()).toEqual({ modules: [], steps: [] });
-    store.close();
+    await store.close();
   });
 
-  it('creates the schema in a new database and refuses one from a newer normserve', () => {
+  it('creates the schema in a new database and refuses one from a newer normserve', async () => {
     const d = dir();
-    new SqliteStore(d, 1).close();
+    await new SqliteStore(d, 1).close();
     const db = new Database(join(d, DB_FILE));
     expect(db.pragma('user_version', { simple: true })).toBe(SCHEMA_VERSION);
     expect(db.pragma('journal_mode', { simple: true })).toBe('wal');
@@ -89,7 +89,7 @@ describe('ModuleRegistry with a store', () => {
   it('saves what an operation changed, and nothing for one that changed nothing', async () => {
     const store = new MemoryStore();
     const r = new ModuleRegistry(10, memoryPersistence(store));
-    r.create('a', config);
+    await r.create('a', config);
     expect(store.writes).toHaveLength(1);
     await r.exclusive('a', (m) => m.update({ training: false }));
     expect(store.writes).toHaveLength(2);
@@ -100,7 +100,7 @@ describe('ModuleRegistry with a store', () => {
   it('undoes a change whose write fails, and fails the call with UNAVAILABLE', async () => {
     const store = new MemoryStore();
     const r = new ModuleRegistry(10, memoryPersistence(store));
-    r.create('a', config);
+    await r.create('a', config);
     store.failNext = true;
     await expect(r.exclusive('a', (m) => m.update({ training: false, eps: 0.5 }))).rejects.toMatchObject({
       code: 'BN_ERR_STORE',
@@ -108,7 +108,7 @@ describe('ModuleRegistry with a store', () => {
     });
     expect(r.get('a').snapshot()).toMatchObject({ training: true, eps: 1e-5 });
     store.failNext = true;
-    expect(() => r.create('b', config)).toThrow(/disk full/);
+    await expect(r.create('b', config)).rejects.toThrow(/disk full/);
     expect(() => r.get('b')).toThrow(/not found/);
   });
 });
