@@ -2,16 +2,18 @@
  * The Python client (clients/python) against real server processes: installs it the documented
  * way into a fresh virtual environment over Debian's PyTorch and gRPC, then runs its pytest suite,
  * which trains models with local and remote BatchNorm, runs SyncBatchNorm groups as separate
- * processes, and checks routing across two replicas. The drift tests (tests/test_drift.py) train
+ * processes, and checks that it follows two replicas on a real etcd to each module's owner. The drift tests (tests/test_drift.py) train
  * against a server of every compute backend that starts here. Any pytest failure fails this test
  * with pytest's output.
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { Etcd3 } from 'etcd3';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { availableBackends } from '../support/backends.js';
-import { freePorts, runCommand, startMain, type Started } from '../support/main-process.js';
+import { settled, startEtcd, startReplica, type EtcdServer } from '../support/etcd.js';
+import { runCommand, startMain, type Started } from '../support/main-process.js';
 
 /** Debian's interpreter, with python3-torch, python3-grpcio and python3-protobuf (scripts/test-all.sh). */
 const PYTHON = '/usr/bin/python3';
@@ -31,7 +33,9 @@ async function succeed(command: string, args: string[]): Promise<void> {
 
 const servers: Started[] = [];
 let address: string;
-let peers: string[];
+let etcd: EtcdServer;
+/** Two replicas that share their modules through etcd. */
+let replicas: string[];
 /** "name=address" of a server per backend, native first (the single server). */
 const backendServers: string[] = [];
 
@@ -43,11 +47,13 @@ beforeAll(async () => {
   const single = await startMain(['--host', '127.0.0.1', '--port', '0', '--backend', 'native', '--max-message-bytes', String(32 * 1024 * 1024)]);
   servers.push(single);
   address = `127.0.0.1:${single.port}`;
-  const ports = await freePorts(2);
-  peers = ports.map((p) => `127.0.0.1:${p}`);
-  for (const [i, self] of peers.entries()) {
-    servers.push(await startMain(['--host', '127.0.0.1', '--port', String(ports[i]), '--backend', 'native', '--peers', peers.join(','), '--self-address', self]));
-  }
+  etcd = await startEtcd();
+  const cluster = [await startReplica(etcd.endpoint, 'python', 2), await startReplica(etcd.endpoint, 'python', 2)];
+  servers.push(...cluster.map((r) => r.process));
+  const kv = new Etcd3({ hosts: etcd.endpoint });
+  await settled(kv, 'python', cluster);
+  kv.close();
+  replicas = cluster.map((r) => r.address);
   backendServers.push(`native=${address}`);
   const others = new Set((await availableBackends()).map((b) => b.name).filter((name) => name !== 'native'));
   for (const name of others) {
@@ -59,6 +65,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   expect(await Promise.all(servers.map((s) => s.stop()))).toEqual(servers.map(() => 0));
+  await etcd?.stop();
   rmSync(venv, { recursive: true, force: true });
 });
 
@@ -66,7 +73,7 @@ describe('the Python client', () => {
   it('passes its pytest suite with real PyTorch', async () => {
     const { code, output } = await run(venvPython, ['-m', 'pytest', 'clients/python/tests', '-q', '-p', 'no:cacheprovider'], {
       NORMSERVE_ADDRESS: address,
-      NORMSERVE_PEERS: peers.join(','),
+      NORMSERVE_REPLICAS: replicas.join(','),
       NORMSERVE_BACKENDS: backendServers.join(','),
     });
     expect(code, `pytest failed:\n${output}`).toBe(0);

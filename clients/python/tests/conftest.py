@@ -30,7 +30,7 @@ def grad_of(p: torch.Tensor) -> torch.Tensor:
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    missing = [v for v in ("NORMSERVE_ADDRESS", "NORMSERVE_PEERS") if not os.environ.get(v)]
+    missing = [v for v in ("NORMSERVE_ADDRESS", "NORMSERVE_REPLICAS") if not os.environ.get(v)]
     if missing:
         raise pytest.UsageError(
             f"set {' and '.join(missing)}: test/integration/python-client.test.ts starts the servers and runs these tests"
@@ -64,9 +64,9 @@ def address() -> str:
 
 
 @pytest.fixture(scope="session")
-def peers() -> list[str]:
-    """Two replicas that split the modules by the owner rule, in ordinal order."""
-    return os.environ["NORMSERVE_PEERS"].split(",")
+def replicas() -> list[str]:
+    """Two replicas that share their modules through etcd, each owning about half of the slots."""
+    return os.environ["NORMSERVE_REPLICAS"].split(",")
 
 
 @pytest.fixture

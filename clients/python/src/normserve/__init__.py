@@ -15,7 +15,6 @@ from normserve.client import (
 from normserve.convert import convert_remote_batchnorm
 from normserve.errors import RemoteAttributeError, RemoteError, RemoteRuntimeError, RemoteValueError
 from normserve.modules import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteBatchNorm3d, RemoteNorm
-from normserve.routing import owner_index
 from normserve.sync import RemoteSyncBatchNorm
 
 __all__ = [
@@ -35,5 +34,4 @@ __all__ = [
     "SyncForwardResult",
     "SyncGradients",
     "convert_remote_batchnorm",
-    "owner_index",
 ]

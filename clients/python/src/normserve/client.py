@@ -2,7 +2,8 @@
 
 It behaves as the TypeScript client (src/client/client.ts): tensors travel as raw little-endian
 bytes with an int64 shape, above 32 MiB through the `*Stream` methods in 1 MiB chunks; calls on a
-module go to the replica that owns it (docs/scale-out.md); failures raise RemoteError.
+module go to the replica that owns it, as replicas name it (docs/scale-out.md); failures raise
+RemoteError.
 """
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from google.protobuf.message import Message
 
 from normserve import _tensors
 from normserve.errors import RemoteError, from_rpc_error
-from normserve.routing import owner_index
 from normserve.v1 import batch_norm_pb2 as bn
 from normserve.v1 import batch_norm_pb2_grpc, sync_batch_norm_pb2 as sbn, sync_batch_norm_pb2_grpc
 
@@ -30,7 +30,9 @@ STREAM_ABOVE_BYTES = 32 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024
 # Owners learnt from BN_ERR_NOT_OWNER answers are kept for this many names.
 _LEARNT_OWNERS_LIMIT = 65_536
-_FIRST_BACKOFF_S = 0.1
+# BN_ERR_NOT_OWNER answers followed by one call (a module can move while the call is on its way).
+_MAX_HOPS = 4
+_FIRST_BACKOFF_S = 0.05
 _MAX_BACKOFF_S = 2.0
 
 # The request type of each tensor call's streamed form.
@@ -109,13 +111,19 @@ class _Endpoint:
 
 
 class Client:
-    """A connection to a normserve server, or to the replicas of one (`peers`).
+    """A connection to a normserve server, or to any replica of a cluster on etcd.
 
-    `token` is sent as `authorization: Bearer <token>`; `credentials` (grpc.ssl_channel_credentials)
-    turn on TLS; `deadline` bounds each call, retries included, in seconds. UNAVAILABLE is the one
-    status retried, up to `retries` times with exponential backoff, by the TypeScript client's rule:
-    always when the server refused the call unchanged (it names a reason, such as
-    BN_ERR_SHUTTING_DOWN), and after a bare transport failure, when the server may have acted, only
+    `address` may be one server, any replica, or a Service in front of them: a replica that does not
+    own a module answers BN_ERR_NOT_OWNER with the owner's address, and the client repeats the call
+    there (the refused call changed nothing) and remembers the owner; when a remembered owner fails
+    at the transport (it died, and its modules are moving to the others), the client forgets it and
+    goes back to `address` (`follow_owner=False` turns this off: BN_ERR_NOT_OWNER is raised). `token` is sent as `authorization: Bearer <token>`; `credentials`
+    (grpc.ssl_channel_credentials) turn on TLS; `deadline` bounds each call, retries included, in
+    seconds. UNAVAILABLE is the one status retried, up to `retries` times (default 7: 8 attempts,
+    backoff from 50 ms doubling to 2 s, with jitter, about 7 s in all, long enough for a survivor to
+    take over a dead replica's modules) by the TypeScript client's rule: always when the server
+    refused the call unchanged (it names a reason, such as BN_ERR_SHUTTING_DOWN or
+    BN_ERR_SLOT_MOVING), and after a bare transport failure, when the server may have acted, only
     for calls that are safe to repeat (reads, assignments, and the sync calls, whose steps the server
     deduplicates; never a training Forward, which would count a batch twice). Tensors over
     `stream_above_bytes` are streamed in `chunk_bytes` chunks.
@@ -126,18 +134,18 @@ class Client:
         address: str,
         token: Optional[str] = None,
         credentials: Optional[grpc.ChannelCredentials] = None,
-        peers: Optional[Sequence[str]] = None,
         deadline: Optional[float] = None,
         *,
-        retries: int = 4,
+        retries: int = 7,
+        follow_owner: bool = True,
         stream_above_bytes: int = STREAM_ABOVE_BYTES,
         chunk_bytes: int = CHUNK_BYTES,
     ) -> None:
         self._address = address
         self._credentials = credentials
-        self._peers = list(peers or ())
         self._deadline = deadline
         self._retries = retries
+        self._follow_owner = follow_owner
         self._stream_above_bytes = stream_above_bytes
         self._chunk_bytes = chunk_bytes
         self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
@@ -156,14 +164,9 @@ class Client:
         self.close()
 
     def address_for(self, name: str) -> str:
-        """The address calls on module `name` go to: its owner by the rule when the client knows
-        the peers, the owner a replica named for it, or the client's own address."""
-        learnt = self._owners.get(name)
-        if learnt is not None:
-            return learnt
-        if self._peers:
-            return self._peers[owner_index(name, len(self._peers))]
-        return self._address
+        """The address calls on module `name` go to: the owner a replica named for it, or the
+        client's own address."""
+        return self._owners.get(name, self._address)
 
     # Modules.
 
@@ -363,40 +366,40 @@ class Client:
         return head, _tensors.from_bytes(out.shape, received, out.dtype)
 
     def _routed(self, method: str, name: Optional[str], attempt: Callable[[_Endpoint, Optional[float]], T]) -> T:
-        """Runs `attempt` at the replica that owns `name`; when that replica answers
-        BN_ERR_NOT_OWNER, once more at the owner it names. The refused call changed nothing, so
-        repeating it is safe."""
+        """Runs `attempt` at the replica that owns `name`, as far as the client knows. A
+        BN_ERR_NOT_OWNER answer sends it on to the owner named (up to _MAX_HOPS in a row); a
+        transport failure of a remembered owner forgets it; UNAVAILABLE is retried with jittered
+        exponential backoff when the server refused the call unchanged (a reason) or the call is
+        safe to repeat. One deadline covers it all."""
         deadline_at = None if self._deadline is None else time.monotonic() + self._deadline
         address = self._address if name is None else self.address_for(name)
-        try:
-            return self._with_retries(method, address, attempt, deadline_at)
-        except RemoteError as err:
-            owner = err.info.get("owner") if err.reason == "BN_ERR_NOT_OWNER" else None
-            if name is None or owner is None or owner == address:
-                raise
-        if len(self._owners) >= _LEARNT_OWNERS_LIMIT:
-            self._owners.clear()
-        self._owners[name] = owner
-        return self._with_retries(method, owner, attempt, deadline_at)
-
-    def _with_retries(self, method: str, address: str, attempt: Callable[[_Endpoint, Optional[float]], T], deadline_at: Optional[float]) -> T:
-        """Retries UNAVAILABLE, when the server refused the call unchanged (a reason) or the call is
-        safe to repeat, with jittered exponential backoff."""
-        endpoint = self._endpoint(address)
-        tries = 0
+        hops = 0
+        tries = 1
         while True:
-            tries += 1
             timeout = None if deadline_at is None else max(deadline_at - time.monotonic(), 0.0)
             try:
-                return attempt(endpoint, timeout)
+                return attempt(self._endpoint(address), timeout)
             except grpc.RpcError as rpc_error:
                 err = from_rpc_error(rpc_error)
+            owner = err.info.get("owner") if err.reason == "BN_ERR_NOT_OWNER" else None
+            if self._follow_owner and name is not None and owner and owner != address and hops < _MAX_HOPS:
+                hops += 1
+                if len(self._owners) >= _LEARNT_OWNERS_LIMIT:
+                    self._owners.clear()
+                self._owners[name] = owner
+                address = owner
+                continue
+            if name is not None and err.code == grpc.StatusCode.UNAVAILABLE and err.reason is None and self._owners.get(name) == address:
+                del self._owners[name]
+                address = self._address
             delay = min(_FIRST_BACKOFF_S * 2 ** (tries - 1), _MAX_BACKOFF_S) * random.uniform(0.5, 1.0)
             out_of_time = deadline_at is not None and time.monotonic() + delay >= deadline_at
             retryable = err.code == grpc.StatusCode.UNAVAILABLE and (err.reason is not None or method in _SAFE_TO_REPEAT)
             if not retryable or tries > self._retries or out_of_time:
                 # Raised outside the except block, so that the traceback shows only this error.
                 raise err
+            tries += 1
+            hops = 0
             time.sleep(delay)
 
     def _endpoint(self, address: str) -> _Endpoint:
