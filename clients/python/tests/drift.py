@@ -140,6 +140,17 @@ def net3d() -> nn.Module:
     )
 
 
+def resnet18() -> nn.Module:
+    """torchvision's resnet18 (weights=None): 20 BatchNorm2d, ReLU(inplace=True) on their outputs,
+    and `out += identity` on the last of each block."""
+    import torchvision  # Debian's python3-torchvision; only this scenario needs it.
+
+    return torchvision.models.resnet18(weights=None, num_classes=5)
+
+
+#: A real model, too slow to train on every backend's server: the tests run it on one.
+RESNET18 = Scenario("resnet18", resnet18, (8, 3, 32, 32), steps=8, seed=5, lr=0.01, weight_decay=1e-4)
+
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
     for s in (
@@ -158,6 +169,10 @@ def _is_norm(m: nn.Module) -> bool:
     return isinstance(m, (_BatchNorm, normserve.RemoteNorm))
 
 
+def _copy64(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().to(torch.float64, copy=True)
+
+
 class _Taps:
     """Forward hooks that keep what each BatchNorm gave and what each ReLU was given."""
 
@@ -166,10 +181,17 @@ class _Taps:
         self.relu_inputs: dict[str, torch.Tensor] = {}
         self._hooks = []
         for name, m in model.named_modules():
+            # Copies, taken before anything runs on: an in-place ReLU (torchvision's ResNets) would
+            # change a float64 output that .double() returned as it is, and its own input.
             if _is_norm(m):
-                self._hooks.append(m.register_forward_hook(lambda m, i, o, n=f"{prefix}{name}": self.taken.__setitem__(n, o.detach().double())))
+                self._hooks.append(m.register_forward_hook(lambda m, i, o, n=f"{prefix}{name}": self.taken.__setitem__(n, _copy64(o))))
             elif isinstance(m, nn.ReLU):
-                self._hooks.append(m.register_forward_hook(lambda m, i, o, n=name: self.relu_inputs.__setitem__(n, i[0].detach().double())))
+                # A ReLU module may run several times a forward (a ResNet block's does): keep each input.
+                self._hooks.append(m.register_forward_pre_hook(lambda m, i, n=name: self._relu_input(n, _copy64(i[0]))))
+
+    def _relu_input(self, name: str, x: torch.Tensor) -> None:
+        calls = sum(1 for key in self.relu_inputs if key == name or key.startswith(f"{name}#"))
+        self.relu_inputs[name if calls == 0 else f"{name}#{calls}"] = x
 
     def __enter__(self) -> _Taps:
         return self
@@ -467,11 +489,11 @@ def report(title: str, record: Record, tolerance: Tolerance) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description="The per-layer drift report of a scenario, free running and in lockstep.")
     parser.add_argument("--address", required=True, help="a normserve server, host:port")
-    parser.add_argument("--scenario", choices=SCENARIOS, default="issue13")
+    parser.add_argument("--scenario", choices=[*SCENARIOS, RESNET18.name], default="issue13")
     parser.add_argument("--steps", type=int, help="the scenario's own by default")
     parser.add_argument("--seed", type=int, help="the scenario's own by default")
     args = parser.parse_args()
-    scenario = SCENARIOS[args.scenario]
+    scenario = RESNET18 if args.scenario == RESNET18.name else SCENARIOS[args.scenario]
     with normserve.Client(args.address) as client:
         for lockstep in (False, True):
             prefix = f"drift/{uuid.uuid4().hex[:8]}/"

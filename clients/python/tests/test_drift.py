@@ -8,7 +8,7 @@ import pytest
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import normserve
-from drift import HELD_OUT, SCENARIOS, Record, Scenario, Tolerance, Trio, run
+from drift import HELD_OUT, RESNET18, SCENARIOS, Record, Scenario, Tolerance, Trio, run
 
 
 def expected_quantities(scenario: Scenario) -> tuple[set[str], set[str]]:
@@ -41,6 +41,22 @@ def test_every_step_holds_to_pytorch_float32_error(backend_client: normserve.Cli
     # (Record.series); nearly every step must count in full.
     kinked = [i for i, k in enumerate(record.kinks) if k.remote or k.local]
     assert len(kinked) <= max(1, scenario.steps // 10), f"steps with a ReLU input across zero: {kinked}"
+
+
+def test_torchvision_resnet18_trains_as_pytorch(client: normserve.Client, prefix: str) -> None:
+    """A real model (issue 16): ReLU(inplace=True) on the remote outputs and `out += identity`
+    modify them in place, which autograd allows only on tensors that are not views."""
+    record = run(RESNET18, client, prefix, lockstep=True)
+    remote_norms = [name for name, m in record.remote.named_modules() if isinstance(m, normserve.RemoteBatchNorm2d)]
+    assert len(remote_norms) == 20
+    assert len(record.steps) == RESNET18.steps
+    step, evals = expected_quantities(RESNET18)
+    assert all(set(s) == step for s in record.steps), sorted(step ^ set(record.steps[0]))
+    assert all(set(e) == evals for e in record.eval)
+    failures = record.failures(Tolerance())
+    assert not failures, "\n".join(failures)
+    kinked = [i for i, k in enumerate(record.kinks) if k.remote or k.local]
+    assert len(kinked) <= 1, f"steps with a ReLU input across zero: {kinked}"
 
 
 def _tampered(client: normserve.Client, prefix: str, change: Callable[[Trio], None], steps: int = 6) -> Record:

@@ -1,5 +1,5 @@
-"""Autograd through remote modules outside a training step: eval-mode gradients, no_grad, and
-parameters changed without an optimiser. Whole training runs against PyTorch are test_drift.py's."""
+"""Autograd through remote modules outside a training step: eval-mode gradients, no_grad, outputs
+modified in place, and parameters changed without an optimiser. Whole training runs against PyTorch are test_drift.py's."""
 from __future__ import annotations
 
 import copy
@@ -53,3 +53,21 @@ def test_parameters_changed_outside_an_optimiser_reach_the_server(client: normse
     local.weight = nn.Parameter(torch.full((4,), -1.0))
     assert_close(remote(x), local(x), "after replacing the Parameter")
     assert torch.equal(client.get_state(prefix + "bn")["weight"], torch.full((4,), -1.0))
+
+
+def test_outputs_may_be_modified_in_place(client: normserve.Client, prefix: str) -> None:
+    """As torchvision's ResNets do (issue 16): `out += identity` and ReLU(inplace=True) on a remote
+    module's output, then backward, give PyTorch's gradients."""
+    torch.manual_seed(3)
+    local = nn.BatchNorm2d(4)
+    remote = normserve.RemoteBatchNorm2d(4, client=client, name=f"{prefix}inplace")
+    x = torch.randn(3, 4, 5, 5)
+    grads = []
+    for m in (local, remote):
+        xs = x.clone().requires_grad_()
+        out = m(xs)
+        out += xs
+        torch.relu_(out)
+        (out * torch.linspace(-1, 2, out.numel()).reshape(out.shape)).sum().backward()
+        grads.append(xs.grad)
+    assert_close(grads[1], grads[0], "grad_input")

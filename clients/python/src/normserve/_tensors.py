@@ -48,8 +48,11 @@ def from_bytes(shape: Sequence[int], data: bytes | bytearray, dtype: tensor_pb2.
     count = math.prod(shape)
     if len(data) != 4 * count:
         raise RuntimeError(f"normserve client: a reply tensor of shape {list(shape)} carried {len(data)} bytes, not {4 * count}")
-    values = np.frombuffer(data, dtype="<f4").astype(np.float32)
-    return torch.from_numpy(values).reshape(tuple(shape))
+    values = np.frombuffer(data, dtype="<f4").astype(np.float32).reshape(tuple(shape))
+    # Shaped in numpy, so that torch sees a tensor of its own, not a view: autograd lets code such
+    # as torchvision's ResNets (ReLU(inplace=True), out += identity) modify a custom Function's
+    # output in place only when it is not a view.
+    return torch.from_numpy(values)
 
 
 def _wire_type(t: torch.Tensor) -> tuple[tensor_pb2.DType, torch.dtype, str]:
