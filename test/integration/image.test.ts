@@ -90,7 +90,7 @@ describe('Dockerfile', () => {
     const known = new Set(Object.values(SETTINGS).map((s) => s.env));
     for (const key of Object.keys(env)) if (key.startsWith('NORMSERVE_')) expect(known, key).toContain(key);
     expect(find(runtime, 'EXPOSE').flatMap(args).sort()).toEqual([env.NORMSERVE_PORT, env.NORMSERVE_HEALTH_PORT, env.NORMSERVE_METRICS_PORT].sort());
-    expect(env.NORMSERVE_DATA_DIR).toBe('/data');
+    expect(env.NORMSERVE_STORE).toBe('sqlite:/data');
     expect(find(runtime, 'VOLUME')[0]!.getRawArgumentsContent()).toBe('["/data"]');
     expect(env.NODE_ENV).toBe('production');
   });
@@ -142,7 +142,7 @@ describe('the image\'s /app, assembled as the Dockerfile does', () => {
     ports = await freePorts(3);
     server = await startMain([], {
       ...imageEnv(),
-      NORMSERVE_DATA_DIR: data,
+      NORMSERVE_STORE: `sqlite:${data}`,
       NORMSERVE_HOST: '127.0.0.1',
       NORMSERVE_PORT: String(ports[0]),
       NORMSERVE_HEALTH_PORT: String(ports[1]),

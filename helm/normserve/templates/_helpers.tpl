@@ -49,32 +49,55 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
 
-{{/* How many replicas own modules: placement.replicas, or replicaCount when it is 0. */}}
-{{- define "normserve.owners" -}}
-{{- $owners := int .Values.placement.replicas -}}
-{{- if eq $owners 0 -}}
-{{- $owners = int .Values.replicaCount -}}
-{{- end -}}
-{{- if gt $owners (int .Values.replicaCount) -}}
-{{- fail (printf "placement.replicas (%d) cannot exceed replicaCount (%d): every owner must be a running pod" $owners (int .Values.replicaCount)) -}}
-{{- end -}}
-{{- $owners -}}
+{{/* The bundled etcd's names: its StatefulSet and client Service, and its headless Service for member addresses. */}}
+{{- define "normserve.etcdName" -}}
+{{- printf "%s-etcd" (include "normserve.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* A pod's stable address, for --peers and --self-address: <pod>.<headless service>.<namespace>.svc.<domain>:<port>. */}}
-{{- define "normserve.podAddress" -}}
-{{- printf "%s.%s.%s.svc.%s:%d" .pod (include "normserve.headlessName" .root) .root.Release.Namespace .root.Values.clusterDomain (int .root.Values.ports.grpc) -}}
+{{- define "normserve.etcdHeadlessName" -}}
+{{- printf "%s-etcd-headless" (include "normserve.fullname" .) | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
-{{/* The --peers list: the first placement.replicas pods, in ordinal order. */}}
-{{- define "normserve.peers" -}}
+{{- define "normserve.etcdSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "normserve.name" . }}-etcd
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "normserve.etcdLabels" -}}
+helm.sh/chart: {{ include "normserve.chart" . }}
+{{ include "normserve.etcdSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.etcd.bundled.image.tag | quote }}
+app.kubernetes.io/component: store
+app.kubernetes.io/part-of: {{ include "normserve.name" . }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}
+
+{{/* A bundled etcd member's stable DNS name: <etcd>-<i>.<etcd headless>.<namespace>.svc.<domain>. */}}
+{{- define "normserve.etcdMemberHost" -}}
+{{- printf "%s-%d.%s.%s.svc.%s" (include "normserve.etcdName" .root) (int .i) (include "normserve.etcdHeadlessName" .root) .root.Release.Namespace .root.Values.clusterDomain -}}
+{{- end -}}
+
+{{/* The etcd client endpoints normserve uses: etcd.endpoints, or every member of the bundled etcd. */}}
+{{- define "normserve.etcdEndpoints" -}}
 {{- $root := . -}}
-{{- $peers := list -}}
-{{- range $i := until (int (include "normserve.owners" .)) -}}
-{{- $pod := printf "%s-%d" (include "normserve.fullname" $root) $i -}}
-{{- $peers = append $peers (include "normserve.podAddress" (dict "pod" $pod "root" $root)) -}}
+{{- if .Values.etcd.bundled.enabled -}}
+{{- $hosts := list -}}
+{{- range $i := until (int .Values.etcd.bundled.replicas) -}}
+{{- $hosts = append $hosts (printf "%s:2379" (include "normserve.etcdMemberHost" (dict "i" $i "root" $root))) -}}
 {{- end -}}
-{{- join "," $peers -}}
+{{- join "," $hosts -}}
+{{- else -}}
+{{- join "," .Values.etcd.endpoints -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The server's --store: sqlite:<mount path> on the pod's volume, or etcd://<endpoints>/<prefix>. */}}
+{{- define "normserve.store" -}}
+{{- if eq .Values.store.type "etcd" -}}
+{{- printf "etcd://%s/%s" (include "normserve.etcdEndpoints" .) .Values.etcd.prefix -}}
+{{- else -}}
+{{- printf "sqlite:%s" .Values.persistence.mountPath -}}
+{{- end -}}
 {{- end -}}
 
 {{/* Settings that cannot work together, refused at render time with what to change. */}}
@@ -91,5 +114,23 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- if and .Values.auth.enabled (not .Values.auth.existingSecret) -}}
 {{- fail "auth.enabled needs auth.existingSecret: a Secret holding the tokens file (docs/security.md)" -}}
+{{- end -}}
+{{- if eq .Values.store.type "sqlite" -}}
+{{- if gt (int .Values.replicaCount) 1 -}}
+{{- fail (printf "replicaCount %d needs store.type etcd: with sqlite one pod keeps every module on its own volume (docs/scale-out.md)" (int .Values.replicaCount)) -}}
+{{- end -}}
+{{- if .Values.etcd.bundled.enabled -}}
+{{- fail "etcd.bundled.enabled needs store.type etcd: with sqlite nothing uses the etcd" -}}
+{{- end -}}
+{{- else -}}
+{{- if and .Values.etcd.bundled.enabled (gt (len .Values.etcd.endpoints) 0) -}}
+{{- fail "store.type etcd takes etcd.endpoints or etcd.bundled.enabled, not both: which etcd holds the modules?" -}}
+{{- end -}}
+{{- if and (not .Values.etcd.bundled.enabled) (eq (len .Values.etcd.endpoints) 0) -}}
+{{- fail "store.type etcd needs an etcd: list its client endpoints (host:2379) in etcd.endpoints, or set etcd.bundled.enabled" -}}
+{{- end -}}
+{{- if eq .Values.config.durability "relaxed" -}}
+{{- fail "config.durability relaxed is for store.type sqlite: with etcd every change is committed before its call is answered" -}}
+{{- end -}}
 {{- end -}}
 {{- end -}}
