@@ -127,6 +127,10 @@ export const catalogue = {
     template: '{tensor} should contain {channels} elements not {length}',
     pythonType: 'RuntimeError',
   },
+  BN_ERR_FORWARD_PARAMETERS: {
+    status: Status.INVALID_ARGUMENT,
+    template: "Forward's weight and bias {detail}; nothing was changed",
+  },
   BN_ERR_BUFFER_UNDEFINED: {
     status: Status.FAILED_PRECONDITION,
     template: '{buffer} must be defined in evaluation mode',

@@ -511,10 +511,17 @@ export class NormserveClient {
    * module(input): the output has the input's shape. With `saveForBackward`, the server keeps what
    * backward needs and `contextId` names it.
    */
-  async forward(name: string, input: TensorData, options: { saveForBackward?: boolean } & TransportChoice & CallOptions = {}): Promise<TensorData & { contextId: string }> {
+  async forward(
+    name: string,
+    input: TensorData,
+    options: { saveForBackward?: boolean; parameters?: { weight: Float32Array; bias: Float32Array } } & TransportChoice & CallOptions = {},
+  ): Promise<TensorData & { contextId: string }> {
+    // `parameters`: weight and bias loaded first, in one change with the forward (a LoadState saved).
+    const p = options.parameters;
+    const parameters = p ? { weight: encodeTensor([p.weight.length], p.weight), bias: encodeTensor([p.bias.length], p.bias) } : {};
     const { tensor, response } = await this.#tensorCall<{ context_id: string }>(
       'Forward',
-      { name, save_for_backward: options.saveForBackward ?? false },
+      { name, save_for_backward: options.saveForBackward ?? false, ...parameters },
       ['input', input],
       'output',
       'modules',

@@ -11,7 +11,7 @@ import { savedBytesFor, type ContextStore } from '../registry/context-store.js';
 import type { ModuleRegistry, Page } from '../registry/module-registry.js';
 import { configFromWire, loadInputFromWire, moduleToWire, stateToWire, updateFromWire } from '../wire/convert.js';
 import { batchNormService } from '../wire/proto.js';
-import { encodeTensor } from '../wire/tensor-codec.js';
+import { decodeTensor, encodeTensor } from '../wire/tensor-codec.js';
 import type { Coordinator } from '../sync/coordinator.js';
 import type { BackwardRequest__Output } from '../generated/normserve/v1/BackwardRequest.js';
 import type { BackwardResponse } from '../generated/normserve/v1/BackwardResponse.js';
@@ -46,13 +46,32 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
       }
       const { count, shape } = header();
       if (req.save_for_backward) contexts.checkFits(savedBytesFor(count, shape[1] ?? 0));
+      if (req.weight || req.bias) {
+        if (!req.weight || !req.bias) throw bnError('BN_ERR_FORWARD_PARAMETERS', { detail: `come together: the request has only ${req.weight ? 'weight' : 'bias'}` });
+        if (!target.config.affine) throw bnError('BN_ERR_FORWARD_PARAMETERS', { detail: `are for an affine module, and module '${req.name}' has affine=False` });
+      }
     },
     run: (req, input, signal, scratch) =>
       registry.exclusive(
         req.name,
         async (module) => {
-          // The decoded input is this call's own: a saved context keeps it without a copy.
-          const { output, saved } = await module.forward(input.data, input.shape, kernels, req.save_for_backward, true);
+          const parameter = (field: 'weight' | 'bias') => decodeTensor(req[field], { field, maxElements: deps.maxTensorElements, accept: ['FLOAT32', 'FLOAT64'] });
+          const parameters = req.weight && req.bias ? { weight: parameter('weight'), bias: parameter('bias') } : undefined;
+          // Loaded as LoadState(strict=false) would (PyTorch's size-mismatch message included), and
+          // put back when the forward is refused: the parameters change with the call or not at
+          // all, and the forward's own effects on a refusal stay PyTorch's (a channel mismatch
+          // has counted the batch, as there).
+          const before = parameters ? module.snapshot() : undefined;
+          if (parameters) module.loadStateDict(parameters, 2, false);
+          let result: Awaited<ReturnType<typeof module.forward>>;
+          try {
+            // The decoded input is this call's own: a saved context keeps it without a copy.
+            result = await module.forward(input.data, input.shape, kernels, req.save_for_backward, true);
+          } catch (err) {
+            if (before) module.loadStateDict({ weight: { shape: [before.weight!.length], data: before.weight! }, bias: { shape: [before.bias!.length], data: before.bias! } }, 2, false);
+            throw err;
+          }
+          const { output, saved } = result;
           const contextId = saved ? contexts.put(req.name, saved) : '';
           scratch.push(output);
           if (!saved) scratch.push(input.data);

@@ -195,6 +195,57 @@ describe('tensors', () => {
   });
 });
 
+describe('Forward with weight and bias', () => {
+  const x = () => tensor([2, 3, 2, 2], f32(Array.from({ length: 24 }, (_, i) => ((i * 5) % 7) - 3)));
+  const w = f32([0.5, -2, 3]);
+  const b = f32([1, 0.25, -4]);
+
+  it('equals LoadState(strict=false) then Forward, committed as one change', async () => {
+    await client.createModule('twin', { kind: 'BATCH_NORM_2D', numFeatures: 3 });
+    await client.forward('twin', { shape: [2, 3, 2, 2], data: new Float32Array(24).map((_, i) => (i * 7) % 5) });
+    await client.loadState('twin', { weight: new Float32Array(w.buffer, w.byteOffset, 3), bias: new Float32Array(b.buffer, b.byteOffset, 3) }, { strict: false });
+    const apart = await call<{ output: { data: Buffer } }>('Forward', { name: 'twin', input: x() });
+    const together = await call<{ output: { data: Buffer } }>('Forward', { name: 'bn', input: x(), weight: tensor([3], w), bias: tensor([3], b) });
+    expect(Buffer.from(together.output.data)).toEqual(Buffer.from(apart.output.data));
+    expect(await client.getState('bn')).toEqual(await client.getState('twin'));
+    // The typed client sends them the same way.
+    await client.forward('bn', { shape: [2, 3, 2, 2], data: new Float32Array(24).fill(1) }, { parameters: { weight: Float32Array.of(7, 8, 9), bias: Float32Array.of(0, 0, 1) } });
+    expect(Array.from((await client.getState('bn')).weight!)).toEqual([7, 8, 9]);
+  });
+
+  const refusals: [string, object, RegExp][] = [
+    ['only a weight', { weight: tensor([3], w) }, /^Forward's weight and bias come together: the request has only weight; nothing was changed$/],
+    ['only a bias', { bias: tensor([3], b) }, /the request has only bias/],
+    ['a weight of the wrong size', { weight: tensor([4], f32([1, 2, 3, 4])), bias: tensor([3], b) }, /size mismatch for weight: copying a param with shape torch.Size\(\[4\]\) from checkpoint, the shape in current model is torch.Size\(\[3\]\)/],
+    ['a bias with too few bytes', { weight: tensor([3], w), bias: tensor([3], f32([1])) }, /invalid tensor bias: data has 4 bytes/],
+    ['a float16 weight', { weight: tensor([3], Buffer.alloc(6), 'FLOAT16'), bias: tensor([3], b) }, /^weight has dtype FLOAT16; this call takes FLOAT32/],
+    ['a good pair with an input of the wrong rank', { input: tensor([2, 3], f32([1, 2, 3, 4, 5, 6])), weight: tensor([3], w), bias: tensor([3], b) }, /^expected 4D input \(got 2D input\)$/],
+  ];
+  it.each(refusals)('INVALID_ARGUMENT for %s, and the parameters stay as they were', async (_, parameters, message) => {
+    const before = await fingerprint('bn');
+    const err = await rejection('Forward', { name: 'bn', input: x(), ...parameters });
+    expect(err.code).toBe(status.INVALID_ARGUMENT);
+    expect(err.details).toMatch(message);
+    expect(await fingerprint('bn')).toEqual(before);
+  });
+
+  it('a channel mismatch counts the batch as PyTorch does, but keeps the old parameters', async () => {
+    const before = await fingerprint('bn');
+    const err = await rejection('Forward', { name: 'bn', input: tensor([2, 4, 1, 1], f32([1, 2, 3, 4, 5, 6, 7, 8])), weight: tensor([3], w), bias: tensor([3], b) });
+    expect(err.details).toBe('running_mean should contain 4 elements not 3');
+    expect((await fingerprint('bn')).state).toEqual({ ...before.state, num_batches_tracked: before.state.num_batches_tracked! + 1n });
+  });
+
+  it('INVALID_ARGUMENT for parameters sent to a module without them (affine=False)', async () => {
+    await client.createModule('plain', { kind: 'BATCH_NORM_2D', numFeatures: 3, affine: false });
+    const before = await fingerprint('plain');
+    const err = await rejection('Forward', { name: 'plain', input: x(), weight: tensor([3], w), bias: tensor([3], b) });
+    expect(err.code).toBe(status.INVALID_ARGUMENT);
+    expect(err.details).toBe("Forward's weight and bias are for an affine module, and module 'plain' has affine=False; nothing was changed");
+    expect(await fingerprint('plain')).toEqual(before);
+  });
+});
+
 describe('updates and state', () => {
   it('INVALID_ARGUMENT for contradictory or bad updates, nothing changes', async () => {
     const before = await fingerprint('bn');

@@ -71,3 +71,38 @@ def test_outputs_may_be_modified_in_place(client: normserve.Client, prefix: str)
         (out * torch.linspace(-1, 2, out.numel()).reshape(out.shape)).sum().backward()
         grads.append(xs.grad)
     assert_close(grads[1], grads[0], "grad_input")
+
+
+def test_a_training_step_makes_one_forward_and_one_backward_per_module(client: normserve.Client, prefix: str, monkeypatch) -> None:
+    """Issue 16: the parameters an optimiser step changed ride on the next Forward, and train() or
+    eval() calls the server only when the mode changes; the server still holds every local value."""
+    torch.manual_seed(4)
+    local = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4))
+    remote = normserve.convert_remote_batchnorm(copy.deepcopy(local), client, prefix=prefix)
+    models = (local, remote)
+    optimisers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    calls: list[str] = []
+    routed = client._routed
+    monkeypatch.setattr(client, "_routed", lambda method, name, attempt: (calls.append(method), routed(method, name, attempt))[1])
+    x = torch.randn(5, 3, 9, 9)
+    for step in range(3):
+        calls.clear()
+        for model, optimiser in zip(models, optimisers):
+            optimiser.zero_grad()
+            model(x).square().mean().backward()
+            optimiser.step()
+        assert sorted(calls) == ["Backward", "Backward", "Forward", "Forward"], f"step {step}: {calls}"
+    calls.clear()
+    for model in models:
+        model.train()
+    assert calls == []
+    for model in models:
+        model.eval()
+    assert calls == ["UpdateModule", "UpdateModule"]
+    calls.clear()
+    for model in models:
+        model.eval()
+    assert calls == []
+    assert_close(remote(x), local(x), "eval output after the last optimiser step")
+    for (key, want), got in zip(local.state_dict().items(), remote.state_dict().values()):
+        assert_close(got, want, key)

@@ -274,9 +274,23 @@ class Client:
 
     # Tensors.
 
-    def forward(self, name: str, input: torch.Tensor, *, save_for_backward: bool = False) -> ForwardResult:
-        """module(input) in the module's current mode."""
+    def forward(
+        self,
+        name: str,
+        input: torch.Tensor,
+        *,
+        save_for_backward: bool = False,
+        weight: Optional[torch.Tensor] = None,
+        bias: Optional[torch.Tensor] = None,
+    ) -> ForwardResult:
+        """module(input) in the module's current mode. `weight` and `bias` (both or neither, for an
+        affine module) are loaded first, in one change with the forward: a LoadState saved."""
         request = bn.ForwardRequest(name=name, save_for_backward=save_for_backward)
+        if weight is not None or bias is not None:
+            if weight is None or bias is None:
+                raise ValueError("forward takes weight and bias together")
+            request.weight.CopyFrom(_tensors.encode(weight))
+            request.bias.CopyFrom(_tensors.encode(bias))
         r, output = self._tensor_call("modules", "Forward", request, "input", input, "output")
         return ForwardResult(output, r.context_id)
 

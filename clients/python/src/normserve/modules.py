@@ -7,8 +7,10 @@ needs when autograd will ask for it, then Backward with the saved context's id.
 Weight and bias are also local nn.Parameters, so that optimisers, DDP and gradient clipping see
 them as with PyTorch's modules. The local values are the truth: before each forward (and before
 state_dict) the module compares them bit for bit with what it last sent, and when they differ
-(an optimiser step, an in-place init, a load) sends both with one LoadState(strict=False). A
-training step therefore costs one extra small call, and only when the parameters changed.
+(an optimiser step, an in-place init, a load) sends both: with the Forward itself, which loads
+them in one change with the forward, so that a training step costs no call of its own for them
+(RemoteSyncBatchNorm and state_dict send them with one LoadState(strict=False)). Switching
+train()/eval() calls the server only when the mode changes.
 """
 from __future__ import annotations
 
@@ -173,7 +175,10 @@ class RemoteNorm(nn.Module):
         return self.client.get_state(self.name).get("num_batches_tracked")
 
     def train(self, mode: bool = True) -> RemoteNorm:
-        self.client.train(self.name, mode)
+        # As with the parameters, the local flag is the truth: model.train() on a model already
+        # training makes no call.
+        if mode != self.training:
+            self.client.train(self.name, mode)
         return super().train(mode)
 
     def extra_repr(self) -> str:
@@ -200,8 +205,12 @@ class RemoteNorm(nn.Module):
 
     # Forward and backward.
 
+    #: Whether Forward can carry the parameters (the plain modules' Forward; not SyncForward).
+    _parameters_ride_forward: ClassVar[bool] = True
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._push_parameters()
+        if not self._parameters_ride_forward:
+            self._push_parameters()
         params = [p for p in (self.weight, self.bias) if p is not None]
         # Grad mode is off inside Function.forward, so whether autograd will call backward is
         # decided here: only then does the server keep the input for it.
@@ -210,7 +219,19 @@ class RemoteNorm(nn.Module):
 
     def _remote_forward(self, input: torch.Tensor, save: bool) -> tuple[torch.Tensor, Any]:
         """The server's forward: the output, and what _remote_backward needs to find the context."""
-        r = self.client.forward(self.name, input, save_for_backward=save)
+        local = self._local_bits()
+        if local is None or self._unchanged(local):
+            r = self.client.forward(self.name, input, save_for_backward=save)
+            return r.output, r.context_id
+        try:
+            r = self.client.forward(self.name, input, save_for_backward=save, weight=local[0].view(torch.float32), bias=local[1].view(torch.float32))
+        except BaseException:
+            # A refused forward left the server's parameters as they were, but one whose outcome
+            # is unknown (a transport failure, BN_ERR_STORE_UNKNOWN) may have loaded them: sent
+            # again with the next forward either way, which costs only their bytes.
+            self._pushed = None
+            raise
+        self._pushed = local
         return r.output, r.context_id
 
     def _remote_backward(self, saved: Any, grad_output: torch.Tensor) -> Gradients:
@@ -221,10 +242,14 @@ class RemoteNorm(nn.Module):
             return None
         return _bits(self.weight), _bits(self.bias)
 
+    def _unchanged(self, local: tuple[torch.Tensor, torch.Tensor]) -> bool:
+        """Whether the server holds these bits of weight and bias."""
+        return self._pushed is not None and all(torch.equal(a, b) for a, b in zip(local, self._pushed))
+
     def _push_parameters(self) -> None:
         """Sends weight and bias when they differ, bit for bit, from what the server holds."""
         local = self._local_bits()
-        if local is None or (self._pushed is not None and all(torch.equal(a, b) for a, b in zip(local, self._pushed))):
+        if local is None or self._unchanged(local):
             return
         self.client.load_state(self.name, {"weight": local[0].view(torch.float32), "bias": local[1].view(torch.float32)}, strict=False)
         self._pushed = local

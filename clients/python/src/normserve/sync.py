@@ -25,6 +25,8 @@ class RemoteSyncBatchNorm(RemoteNorm):
     """
 
     _kind = "SYNC_BATCH_NORM"
+    # SyncForward carries no parameters: they go by LoadState before the forward that needs them.
+    _parameters_ride_forward = False
 
     def __init__(
         self,
