@@ -15,6 +15,8 @@ import { createInterface } from 'node:readline';
 export interface ServerProcess {
   readonly child: ChildProcessWithoutNullStreams;
   readonly address: string;
+  /** The Prometheus endpoint's port (0: none). */
+  readonly metricsPort: number;
   readonly dataDir: string;
 }
 
@@ -22,15 +24,17 @@ export async function startServerProcess(args: readonly string[] = [], dataDir =
   const store = args.includes('--store') ? [] : ['--store', `sqlite:${dataDir}`];
   const child = spawn(process.execPath, ['dist/src/main.js', '--host', '127.0.0.1', '--port', '0', '--metrics-port', '0', ...store, ...args]);
   child.stderr.resume();
-  const port = await new Promise<number>((resolve, reject) => {
+  const [port, metricsPort] = await new Promise<[number, number]>((resolve, reject) => {
     // Every line is read: the per-call log goes to this pipe, and an unread pipe would block it.
     createInterface({ input: child.stdout }).on('line', (line) => {
-      const entry = JSON.parse(line) as { msg?: string; port?: number };
-      if (entry.msg === 'normserve listening') resolve(entry.port!);
+      const entry = JSON.parse(line) as { msg?: string; port?: number; metrics_port?: number };
+      if (entry.msg === 'normserve listening') resolve([entry.port!, entry.metrics_port ?? 0]);
     });
     child.once('exit', (code) => reject(new Error(`normserve exited with ${code} before listening`)));
+    // 'normserve listening' is logged at info: a --log-level above it would leave this waiting.
+    setTimeout(() => reject(new Error("normserve did not log 'normserve listening' within 30 s")), 30_000).unref();
   });
-  return { child, address: `127.0.0.1:${port}`, dataDir };
+  return { child, address: `127.0.0.1:${port}`, metricsPort, dataDir };
 }
 
 /** `n` loopback ports that were free a moment ago (for replicas that must know each other's address before they start). */

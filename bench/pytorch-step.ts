@@ -1,0 +1,61 @@
+/**
+ * `npm run bench` (fifth part): what a PyTorch user pays per training step (issue 15).
+ * torchvision's resnet18 (weights=None, 16 x 3 x 64 x 64, SGD with momentum) trained with
+ * PyTorch's BatchNorm and, on a deep copy, after `convert_remote_batchnorm`, steps alternating,
+ * against the real server (`dist/src/main.js --backend native`) on this machine; medians, the
+ * ratio, and the calls and tensor bytes of one remote step (bench/pytorch_step.py does the
+ * training). The Python client is installed the documented way into a fresh virtual environment
+ * over Debian's PyTorch, torchvision and gRPC (python3-torch, python3-torchvision, python3-grpcio).
+ */
+import { spawnSync } from 'node:child_process';
+import { once } from 'node:events';
+import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { cpus, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { startServerProcess } from './server-process.js';
+
+const QUICK = process.argv.includes('--quick');
+const log = (text: string) => process.stderr.write(`${text}\n`);
+
+function run(command: string, args: string[]): string {
+  const r = spawnSync(command, args, { encoding: 'utf8', env: { ...process.env, PYTHONDONTWRITEBYTECODE: '1' }, maxBuffer: 64 * 1024 * 1024 });
+  if (r.status !== 0) throw new Error(`${command} ${args.join(' ')} exited with ${r.status}:\n${r.stdout}${r.stderr}`);
+  return r.stdout;
+}
+
+interface Step {
+  local_ms: number;
+  remote_ms: number;
+  ratio: number;
+  calls_per_step: number;
+  tensor_bytes_per_step: number;
+  batch_norms: number;
+  torch_threads: number;
+}
+
+async function main() {
+  const venv = mkdtempSync(join(tmpdir(), 'normserve-bench-venv-'));
+  const server = await startServerProcess(['--backend', 'native']);
+  try {
+    log('pytorch-step: installing the Python client into a virtual environment');
+    run('/usr/bin/python3', ['-m', 'venv', '--system-site-packages', venv]);
+    run(join(venv, 'bin', 'python'), ['-m', 'pip', 'install', '--no-build-isolation', '--no-deps', '--no-index', '--disable-pip-version-check', '-q', './clients/python']);
+    log(`pytorch-step: resnet18, local and remote steps alternating, against ${server.address}`);
+    const steps = QUICK ? 3 : 12;
+    const out = run(join(venv, 'bin', 'python'), ['bench/pytorch_step.py', '--address', server.address, '--metrics', `http://127.0.0.1:${server.metricsPort}/metrics`, '--steps', String(steps)]);
+    const r = JSON.parse(out) as Step;
+    const machine = `${cpus().length} x ${cpus()[0]?.model ?? 'cpu'}, Node ${process.version}`;
+    console.log(`\nA PyTorch training step, resnet18 (16,3,64,64), local BatchNorm vs normserve (native backend, unary calls), medians of ${steps}; ${machine}, torch threads ${r.torch_threads}`);
+    console.log('| step | local ms | remote ms | remote ÷ local | calls per remote step | tensor MB per remote step |');
+    console.log('|------|----------|-----------|----------------|-----------------------|---------------------------|');
+    console.log(`| resnet18, ${r.batch_norms} BatchNorm2d | ${r.local_ms.toFixed(1)} | ${r.remote_ms.toFixed(1)} | ${r.ratio.toFixed(2)} | ${r.calls_per_step.toFixed(0)} | ${(r.tensor_bytes_per_step / 1e6).toFixed(1)} |`);
+    mkdirSync('bench-results', { recursive: true });
+    writeFileSync('bench-results/pytorch-step.json', `${JSON.stringify({ machine, date: new Date().toISOString(), quick: QUICK, steps, resnet18: r }, null, 2)}\n`);
+  } finally {
+    server.child.kill('SIGTERM');
+    await once(server.child, 'exit');
+    rmSync(venv, { recursive: true, force: true });
+  }
+}
+
+await main();
