@@ -1,15 +1,16 @@
 /**
  * `npm run bench` (fifth part): what a PyTorch user pays per training step (issue 15).
  * torchvision's resnet18 (weights=None, 16 x 3 x 64 x 64, SGD with momentum) trained with
- * PyTorch's BatchNorm and, on a deep copy, after `convert_remote_batchnorm`, steps alternating,
- * against the real server (`dist/src/main.js --backend native`) on this machine; medians, the
- * ratio, and the calls and tensor bytes of one remote step (bench/pytorch_step.py does the
+ * PyTorch's BatchNorm and, on deep copies, after `convert_remote_batchnorm` with a client over
+ * the wire and one over shared memory, steps alternating, against the real server
+ * (`dist/src/main.js --backend native --shm-dir <a fresh directory>`) on this machine; medians,
+ * the ratios, and the calls and message bytes of one remote step (bench/pytorch_step.py does the
  * training). The Python client is installed the documented way into a fresh virtual environment
  * over Debian's PyTorch, torchvision and gRPC (python3-torch, python3-torchvision, python3-grpcio).
  */
 import { spawnSync } from 'node:child_process';
 import { once } from 'node:events';
-import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { cpus, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { startServerProcess } from './server-process.js';
@@ -23,19 +24,25 @@ function run(command: string, args: string[]): string {
   return r.stdout;
 }
 
-interface Step {
-  local_ms: number;
-  remote_ms: number;
+interface Remote {
+  ms: number;
   ratio: number;
   calls_per_step: number;
-  tensor_bytes_per_step: number;
+  message_bytes_per_step: number;
+  shared_memory: string | null;
+}
+
+interface Step {
+  local_ms: number;
+  remote: { wire: Remote; shm: Remote };
   batch_norms: number;
   torch_threads: number;
 }
 
 async function main() {
   const venv = mkdtempSync(join(tmpdir(), 'normserve-bench-venv-'));
-  const server = await startServerProcess(['--backend', 'native']);
+  const shmDir = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'normserve-bench-shm-'));
+  const server = await startServerProcess(['--backend', 'native', '--shm-dir', shmDir]);
   try {
     log('pytorch-step: installing the Python client into a virtual environment');
     run('/usr/bin/python3', ['-m', 'venv', '--system-site-packages', venv]);
@@ -45,16 +52,21 @@ async function main() {
     const out = run(join(venv, 'bin', 'python'), ['bench/pytorch_step.py', '--address', server.address, '--metrics', `http://127.0.0.1:${server.metricsPort}/metrics`, '--steps', String(steps)]);
     const r = JSON.parse(out) as Step;
     const machine = `${cpus().length} x ${cpus()[0]?.model ?? 'cpu'}, Node ${process.version}`;
-    console.log(`\nA PyTorch training step, resnet18 (16,3,64,64), local BatchNorm vs normserve (native backend, unary calls), medians of ${steps}; ${machine}, torch threads ${r.torch_threads}`);
-    console.log('| step | local ms | remote ms | remote ÷ local | calls per remote step | tensor MB per remote step |');
-    console.log('|------|----------|-----------|----------------|-----------------------|---------------------------|');
-    console.log(`| resnet18, ${r.batch_norms} BatchNorm2d | ${r.local_ms.toFixed(1)} | ${r.remote_ms.toFixed(1)} | ${r.ratio.toFixed(2)} | ${r.calls_per_step.toFixed(0)} | ${(r.tensor_bytes_per_step / 1e6).toFixed(1)} |`);
+    if (r.remote.shm.shared_memory === null) throw new Error('the shared-memory client fell back to the wire: the server offered no region it could use');
+    console.log(`\nA PyTorch training step, resnet18 (16,3,64,64) with ${r.batch_norms} BatchNorm2d, local BatchNorm vs normserve (native backend), medians of ${steps}; ${machine}, torch threads ${r.torch_threads}`);
+    console.log('| step | ms | ÷ local | calls per step | message MB per step |');
+    console.log('|------|----|---------|----------------|---------------------|');
+    console.log(`| local BatchNorm | ${r.local_ms.toFixed(1)} | 1.00 | 0 | 0 |`);
+    for (const [label, x] of [['remote, over gRPC messages', r.remote.wire], ['remote, over shared memory', r.remote.shm]] as const) {
+      console.log(`| ${label} | ${x.ms.toFixed(1)} | ${x.ratio.toFixed(2)} | ${x.calls_per_step.toFixed(0)} | ${(x.message_bytes_per_step / 1e6).toFixed(1)} |`);
+    }
     mkdirSync('bench-results', { recursive: true });
     writeFileSync('bench-results/pytorch-step.json', `${JSON.stringify({ machine, date: new Date().toISOString(), quick: QUICK, steps, resnet18: r }, null, 2)}\n`);
   } finally {
     server.child.kill('SIGTERM');
     await once(server.child, 'exit');
     rmSync(venv, { recursive: true, force: true });
+    rmSync(shmDir, { recursive: true, force: true });
   }
 }
 

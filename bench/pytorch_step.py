@@ -1,8 +1,9 @@
 """A PyTorch user's training step with remote BatchNorm beside the same step with PyTorch's own
 (issue 15): torchvision's resnet18 (weights=None), SGD with momentum, cross-entropy, the step
-from zero_grad to optimiser.step(). The local model and its converted deep copy train on the same
-batches, steps alternating between them; medians. Per remote step: the calls it made and the
-tensor bytes they moved, from the server's Prometheus counters.
+from zero_grad to optimiser.step(). The local model and two converted deep copies (one client
+over the wire, one over shared memory where the server offers it) train on the same batches,
+steps alternating between them; medians. Per remote step: the calls it made and the tensor bytes
+that went through gRPC messages, from the server's Prometheus counters.
 
 Run by bench/pytorch-step.ts (`npm run bench`), which installs the client into a virtual
 environment and starts the server; prints one JSON object on stdout.
@@ -48,9 +49,11 @@ def main() -> None:
 
     torch.manual_seed(0)
     local = torchvision.models.resnet18(weights=None, num_classes=10)
-    client = normserve.Client(args.address)
-    remote = normserve.convert_remote_batchnorm(copy.deepcopy(local), client, prefix=f"bench/resnet18/{uuid.uuid4().hex[:8]}/")
-    models = {"local": local, "remote": remote}
+    run = uuid.uuid4().hex[:8]
+    clients = {"wire": normserve.Client(args.address, shared_memory=False), "shm": normserve.Client(args.address)}
+    models = {"local": local}
+    for key, c in clients.items():
+        models[key] = normserve.convert_remote_batchnorm(copy.deepcopy(local), c, prefix=f"bench/resnet18/{run}/{key}/")
     optimisers = {k: torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9) for k, m in models.items()}
     batches = [(torch.randn(args.batch, 3, args.size, args.size), torch.randint(0, 10, (args.batch,))) for _ in range(4)]
 
@@ -67,31 +70,40 @@ def main() -> None:
         for key in models:
             step(key, i)
     times: dict[str, list[float]] = {k: [] for k in models}
-    calls = moved = 0.0
+    calls = dict.fromkeys(clients, 0.0)
+    moved = dict.fromkeys(clients, 0.0)
     for i in range(args.steps):
         times["local"].append(step("local", i))
-        before = scrape(args.metrics)
-        times["remote"].append(step("remote", i))
-        after = scrape(args.metrics)
-        # The scrapes themselves are not normserve calls: they go to the metrics port.
-        calls += after[0] - before[0]
-        moved += after[1] - before[1]
-    local_ms = statistics.median(times["local"]) * 1e3
-    remote_ms = statistics.median(times["remote"]) * 1e3
-    norms = sum(1 for m in remote.modules() if isinstance(m, normserve.RemoteNorm))
+        for key in clients:
+            before = scrape(args.metrics)
+            times[key].append(step(key, i))
+            after = scrape(args.metrics)
+            # The scrapes themselves are not normserve calls: they go to the metrics port.
+            calls[key] += after[0] - before[0]
+            moved[key] += after[1] - before[1]
+    ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    norms = sum(1 for m in models["wire"].modules() if isinstance(m, normserve.RemoteNorm))
+    remote = {
+        key: {
+            "ms": ms[key],
+            "ratio": ms[key] / ms["local"],
+            "calls_per_step": calls[key] / args.steps,
+            "message_bytes_per_step": moved[key] / args.steps,
+            "shared_memory": c.shared_memory_directory(),
+        }
+        for key, c in clients.items()
+    }
     print(json.dumps({
         "model": "resnet18",
         "input": [args.batch, 3, args.size, args.size],
         "batch_norms": norms,
         "steps": args.steps,
         "torch_threads": torch.get_num_threads(),
-        "local_ms": local_ms,
-        "remote_ms": remote_ms,
-        "ratio": remote_ms / local_ms,
-        "calls_per_step": calls / args.steps,
-        "tensor_bytes_per_step": moved / args.steps,
+        "local_ms": ms["local"],
+        "remote": remote,
     }))
-    client.close()
+    for c in clients.values():
+        c.close()
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
       await deps.regions.unregister(principal.id, req.name);
       return {};
     }),
-    ListRegions: unary('list', (_req, _signal, principal) => ({ regions: deps.regions.list(principal.id).map(regionToWire) })),
+    ListRegions: unary('list', (_req, _signal, principal) => ({ regions: deps.regions.list(principal.id).map(regionToWire), shm_dir: deps.regions.dir })),
     BackwardStream: streamTensorHandler(deps, 'write', backwardOp),
   };
   server.addService(batchNormService, handlers as unknown as UntypedServiceImplementation);

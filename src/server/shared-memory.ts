@@ -53,6 +53,11 @@ export class RegionRegistry {
     return this.#dir !== '';
   }
 
+  /** The directory regions must lie under ('' when shared memory is off). */
+  get dir(): string {
+    return this.#dir;
+  }
+
   async register(owner: string, name: string, path: string, offset: number, byteSize: number): Promise<RegionInfo> {
     if (!this.enabled) throw bnError('BN_ERR_SHM_DISABLED', {});
     if (!NAME.test(name)) throw bnError('BN_ERR_REGION_NAME', { name });

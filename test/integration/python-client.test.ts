@@ -6,7 +6,7 @@
  * against a server of every compute backend that starts here. Any pytest failure fails this test
  * with pytest's output.
  */
-import { mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { Etcd3 } from 'etcd3';
@@ -19,6 +19,7 @@ import { runCommand, startMain, type Started } from '../support/main-process.js'
 const PYTHON = '/usr/bin/python3';
 const venv = mkdtempSync(join(tmpdir(), 'normserve-pyvenv-'));
 const venvPython = join(venv, 'bin', 'python');
+const shmDir = mkdtempSync(join(existsSync('/dev/shm') ? '/dev/shm' : tmpdir(), 'normserve-pyshm-'));
 
 /** A command's exit code and its output, stdout then stderr. */
 async function run(command: string, args: string[], env: NodeJS.ProcessEnv = {}): Promise<{ code: number | null; output: string }> {
@@ -44,7 +45,8 @@ beforeAll(async () => {
   // No index: everything the package needs comes from Debian; the build step runs protoc.
   await succeed(venvPython, ['-m', 'pip', 'install', '--no-build-isolation', '--no-deps', '--no-index', '--disable-pip-version-check', '-q', './clients/python']);
   // Messages up to 32 MiB, the client's streaming threshold, so that a larger tensor passes only streamed.
-  const single = await startMain(['--host', '127.0.0.1', '--port', '0', '--backend', 'native', '--max-message-bytes', String(32 * 1024 * 1024)]);
+  // Its --shm-dir offers shared memory to the client on this host (test_shared_memory.py).
+  const single = await startMain(['--host', '127.0.0.1', '--port', '0', '--backend', 'native', '--max-message-bytes', String(32 * 1024 * 1024), '--shm-dir', shmDir]);
   servers.push(single);
   address = `127.0.0.1:${single.port}`;
   etcd = await startEtcd();
@@ -67,6 +69,7 @@ afterAll(async () => {
   expect(await Promise.all(servers.map((s) => s.stop()))).toEqual(servers.map(() => 0));
   await etcd?.stop();
   rmSync(venv, { recursive: true, force: true });
+  rmSync(shmDir, { recursive: true, force: true });
 });
 
 describe('the Python client', () => {

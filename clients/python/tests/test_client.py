@@ -39,17 +39,24 @@ def test_streamed_calls_equal_unary_calls(address: str, prefix: str) -> None:
 
 
 def test_tensors_over_32_mib_stream_by_default(address: str, prefix: str) -> None:
-    """36 MB is past this server's 32 MiB message limit: only the streamed form gets through."""
+    """36 MB is past this server's 32 MiB message limit: over the wire only the streamed form gets
+    through (and shared memory, which carries no tensor in messages, takes it in one call)."""
     name = prefix + "bn"
     x, dy = torch.randn(9, 4, 500, 500), torch.randn(9, 4, 500, 500)
-    with normserve.Client(address, stream_above_bytes=1 << 40) as unary:
+    with normserve.Client(address, stream_above_bytes=1 << 40, shared_memory=False) as unary:
         unary.create_module(name, "BATCH_NORM_2D", 4)
         with pytest.raises(normserve.RemoteError) as info:
             unary.forward(name, x)
         assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-    with normserve.Client(address) as client:
+    with normserve.Client(address, shared_memory=False) as client:
         r = client.forward(name, x, save_for_backward=True)
         g = client.backward(name, r.context_id, dy)
+    with normserve.Client(address) as shm:
+        shm.create_module(name + "-shm", "BATCH_NORM_2D", 4)
+        rs = shm.forward(name + "-shm", x, save_for_backward=True)
+        gs = shm.backward(name + "-shm", rs.context_id, dy)
+        assert shm.shared_memory_directory() is not None
+    assert torch.equal(rs.output, r.output) and torch.equal(gs.grad_input, g.grad_input)
     local = nn.BatchNorm2d(4)
     xs = x.clone().requires_grad_()
     y = local(xs)

@@ -21,13 +21,13 @@ _WIRE: dict[torch.dtype, tuple[tensor_pb2.DType, torch.dtype, str]] = {
 
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The tensor's elements as the wire carries them."""
-    _, bits, wire = _wire_type(t)
+    _, bits, wire = wire_type(t)
     return t.detach().cpu().contiguous().view(bits).numpy().astype(wire, copy=False).tobytes()
 
 
 def tensor_head(t: torch.Tensor) -> tensor_pb2.Tensor:
     """Shape and dtype without data: the head of a streamed call."""
-    dtype, _, _ = _wire_type(t)
+    dtype, _, _ = wire_type(t)
     return tensor_pb2.Tensor(shape=list(t.shape), dtype=dtype)
 
 
@@ -55,7 +55,7 @@ def from_bytes(shape: Sequence[int], data: bytes | bytearray, dtype: tensor_pb2.
     return torch.from_numpy(values)
 
 
-def _wire_type(t: torch.Tensor) -> tuple[tensor_pb2.DType, torch.dtype, str]:
+def wire_type(t: torch.Tensor) -> tuple[tensor_pb2.DType, torch.dtype, str]:
     try:
         return _WIRE[t.dtype]
     except KeyError:

@@ -1,13 +1,15 @@
 """normserve.Client: a typed wrapper over the gRPC stubs, with torch tensors in and out.
 
 It behaves as the TypeScript client (src/client/client.ts): tensors travel as raw little-endian
-bytes with an int64 shape, above 32 MiB through the `*Stream` methods in 1 MiB chunks; calls on a
+bytes with an int64 shape, above 32 MiB through the `*Stream` methods in 1 MiB chunks, or, with a
+server on this host that offers shared memory, through `mmap`ed regions (_shm.py); calls on a
 module go to the replica that owns it, as replicas name it (docs/scale-out.md); failures raise
 RemoteError.
 """
 from __future__ import annotations
 
 import enum
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -17,7 +19,7 @@ import grpc
 import torch
 from google.protobuf.message import Message
 
-from normserve import _tensors
+from normserve import _shm, _tensors
 from normserve.errors import RemoteError, from_rpc_error
 from normserve.v1 import batch_norm_pb2 as bn
 from normserve.v1 import batch_norm_pb2_grpc, sync_batch_norm_pb2 as sbn, sync_batch_norm_pb2_grpc
@@ -28,6 +30,8 @@ _TENSOR_KEYS = STATE_KEYS[:4]
 
 STREAM_ABOVE_BYTES = 32 * 1024 * 1024
 CHUNK_BYTES = 1024 * 1024
+# Float32 tensors above this go through shared memory where the server offers it.
+SHARED_MEMORY_ABOVE_BYTES = 64 * 1024
 # Owners learnt from BN_ERR_NOT_OWNER answers are kept for this many names.
 _LEARNT_OWNERS_LIMIT = 65_536
 # BN_ERR_NOT_OWNER answers followed by one call (a module can move while the call is on its way).
@@ -105,6 +109,7 @@ class LoadResult:
 class _Endpoint:
     """The stubs of one replica, sharing one channel."""
 
+    address: str
     channel: grpc.Channel
     modules: Any
     sync: Any
@@ -126,7 +131,10 @@ class Client:
     BN_ERR_SLOT_MOVING), and after a bare transport failure, when the server may have acted, only
     for calls that are safe to repeat (reads, assignments, and the sync calls, whose steps the server
     deduplicates; never a training Forward, which would count a batch twice). Tensors over
-    `stream_above_bytes` are streamed in `chunk_bytes` chunks.
+    `stream_above_bytes` are streamed in `chunk_bytes` chunks. With `shared_memory` (the default),
+    float32 tensors over `shared_memory_above_bytes` go to a server on a loopback address through
+    `mmap`ed files in the directory its ListRegions names (its --shm-dir), when this process can
+    create files there; otherwise, or when the server refuses regions, over the wire.
     """
 
     def __init__(
@@ -140,6 +148,8 @@ class Client:
         follow_owner: bool = True,
         stream_above_bytes: int = STREAM_ABOVE_BYTES,
         chunk_bytes: int = CHUNK_BYTES,
+        shared_memory: bool = True,
+        shared_memory_above_bytes: int = SHARED_MEMORY_ABOVE_BYTES,
     ) -> None:
         self._address = address
         self._credentials = credentials
@@ -151,8 +161,22 @@ class Client:
         self._metadata = (("authorization", f"Bearer {token}"),) if token is not None else None
         self._endpoints: dict[str, _Endpoint] = {}
         self._owners: dict[str, str] = {}
+        self._shared_memory = shared_memory
+        self._shared_memory_above_bytes = shared_memory_above_bytes
+        # Per replica: its region pool, or None where shared memory is off, refused or out of sight.
+        self._pools: dict[str, Optional[_shm.RegionPool]] = {}
+
+    def shared_memory_directory(self, address: Optional[str] = None) -> Optional[str]:
+        """The directory whose files carry this client's tensors to the replica at `address` (by
+        default the client's own), or None while they travel over the wire."""
+        pool = self._pools.get(self._address if address is None else address)
+        return None if pool is None else pool.directory
 
     def close(self) -> None:
+        for pool in self._pools.values():
+            if pool is not None:
+                pool.close()
+        self._pools.clear()
         for endpoint in self._endpoints.values():
             endpoint.channel.close()
         self._endpoints.clear()
@@ -343,19 +367,118 @@ class Client:
     def _tensor_call(
         self, service: Service, method: str, request: Any, in_field: str, tensor: torch.Tensor, out_field: str
     ) -> tuple[Any, torch.Tensor]:
-        """A call with one tensor in and one out: in one message, or above stream_above_bytes as
-        `<method>Stream` (a head whose tensor has no data, then its bytes; the answer likewise)."""
-        data = _tensors.tensor_bytes(tensor)
+        """A call with one tensor in and one out: through a shared-memory region where one can be
+        had (see the class), else in one message, or above stream_above_bytes as `<method>Stream`
+        (a head whose tensor has no data, then its bytes; the answer likewise)."""
         getattr(request, in_field).CopyFrom(_tensors.tensor_head(tensor))
-        if len(data) <= self._stream_above_bytes:
-            getattr(request, in_field).data = data
-            response = self._call(service, method, request)
+        nbytes = tensor.numel() * tensor.element_size()
+        data: Optional[bytes] = None
+
+        def over_the_wire(endpoint: _Endpoint, timeout: Optional[float]) -> tuple[Any, torch.Tensor]:
+            nonlocal data
+            if data is None:
+                data = _tensors.tensor_bytes(tensor)
+            if len(data) > self._stream_above_bytes:
+                return self._stream(getattr(endpoint, service), method, request, data, out_field, timeout)
+            message = type(request)()
+            message.CopyFrom(request)
+            getattr(message, in_field).data = data
+            response = getattr(getattr(endpoint, service), method)(message, timeout=timeout, metadata=self._metadata)
             return response, _tensors.decode(getattr(response, out_field))
 
+        regions = (
+            self._shared_memory
+            and tensor.dtype == torch.float32
+            and nbytes > self._shared_memory_above_bytes
+            and f"{in_field}_region" in request.DESCRIPTOR.fields_by_name
+        )
+        if not regions:
+            return self._routed(method, request.name, over_the_wire)
+
         def attempt(endpoint: _Endpoint, timeout: Optional[float]) -> tuple[Any, torch.Tensor]:
-            return self._stream(getattr(endpoint, service), method, request, data, out_field, timeout)
+            pool = self._pool(endpoint)
+            answer = None if pool is None else self._through_region(pool, endpoint, service, method, request, in_field, tensor, nbytes, out_field, timeout)
+            return over_the_wire(endpoint, timeout) if answer is None else answer
 
         return self._routed(method, request.name, attempt)
+
+    def _through_region(
+        self,
+        pool: _shm.RegionPool,
+        endpoint: _Endpoint,
+        service: Service,
+        method: str,
+        request: Any,
+        in_field: str,
+        tensor: torch.Tensor,
+        nbytes: int,
+        out_field: str,
+        timeout: Optional[float],
+    ) -> Optional[tuple[Any, torch.Tensor]]:
+        """The call with its input and its answer in a leased region; None when the server will
+        not take regions (then shared memory is off for it, and the call goes over the wire)."""
+        try:
+            region = pool.lease(2 * nbytes)
+        except (grpc.RpcError, OSError):
+            self._stop_shared_memory(endpoint.address)
+            return None
+        try:
+            _, bits, wire = _tensors.wire_type(tensor)
+            region.write(0, tensor, bits, wire)
+            message = type(request)()
+            message.CopyFrom(request)
+            getattr(message, f"{in_field}_region").CopyFrom(bn.RegionRef(region=region.name, offset=0))
+            getattr(message, f"{out_field}_region").CopyFrom(bn.RegionRef(region=region.name, offset=nbytes))
+            try:
+                response = getattr(getattr(endpoint, service), method)(message, timeout=timeout, metadata=self._metadata)
+            except grpc.RpcError as rpc_error:
+                # Refused before any work (the server checks both places first): the wire will do.
+                reason = from_rpc_error(rpc_error).reason or ""
+                if reason.startswith("BN_ERR_REGION") or reason == "BN_ERR_SHM_DISABLED":
+                    self._stop_shared_memory(endpoint.address)
+                    return None
+                raise
+            out = getattr(response, out_field)
+            shape = tuple(out.shape)
+            return response, torch.from_numpy(region.read_float32(nbytes, math.prod(shape)).reshape(shape))
+        finally:
+            pool.give_back(region)
+
+    def _pool(self, endpoint: _Endpoint) -> Optional[_shm.RegionPool]:
+        """The replica's region pool, found out once: a loopback replica whose ListRegions names a
+        directory this process can write to."""
+        if endpoint.address in self._pools:
+            return self._pools[endpoint.address]
+        if not _shm.is_loopback(endpoint.address):
+            self._pools[endpoint.address] = None
+            return None
+        try:
+            listed = endpoint.modules.ListRegions(bn.ListRegionsRequest(), timeout=self._deadline, metadata=self._metadata)
+        except grpc.RpcError as rpc_error:
+            # Not reachable now: ask again on the next call. Any other answer (an older server,
+            # no permission) is final.
+            if rpc_error.code() != grpc.StatusCode.UNAVAILABLE:
+                self._pools[endpoint.address] = None
+            return None
+        directory = _shm.usable_directory(listed.shm_dir)
+        pool = None
+        if directory is not None:
+            modules, metadata = endpoint.modules, self._metadata
+            pool = _shm.RegionPool(
+                directory,
+                register=lambda name, path, size: modules.RegisterRegion(
+                    bn.RegisterRegionRequest(name=name, path=path, offset=0, byte_size=size), timeout=self._deadline, metadata=metadata
+                ),
+                unregister=lambda name: modules.UnregisterRegion(bn.UnregisterRegionRequest(name=name), timeout=5, metadata=metadata),
+            )
+        self._pools[endpoint.address] = pool
+        return pool
+
+    def _stop_shared_memory(self, address: str) -> None:
+        pool = self._pools.get(address)
+        self._pools[address] = None
+        if pool is not None:
+            pool.close()
 
     def _stream(
         self, stub: Any, method: str, request: Message, data: bytes, out_field: str, timeout: Optional[float]
@@ -426,6 +549,7 @@ class Client:
             else:
                 channel = grpc.secure_channel(address, self._credentials, options)
             endpoint = _Endpoint(
+                address,
                 channel,
                 batch_norm_pb2_grpc.BatchNormServiceStub(channel),
                 sync_batch_norm_pb2_grpc.SyncBatchNormServiceStub(channel),
