@@ -31,6 +31,8 @@ class Job:
     #: torch.distributed (gloo on loopback) and DDP, or rank and world_size passed as arguments.
     gloo_port: Optional[int]
     out: Path
+    #: Normalise on the rank, sending the server only statistics.
+    stats_only: bool = False
 
 
 def batches(world_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -62,13 +64,13 @@ def run_rank(rank: int, job: Job) -> None:
         # The documented recipe: PyTorch's own conversion, then the remote one; rank and world
         # size come from torch.distributed.
         local: nn.Module = nn.SyncBatchNorm.convert_sync_batchnorm(nn.Sequential(nn.BatchNorm2d(CHANNELS, momentum=MOMENTUM)))
-        bn = normserve.convert_remote_batchnorm(local, client, job.prefix).get_submodule("0")
+        bn = normserve.convert_remote_batchnorm(local, client, job.prefix, stats_only=job.stats_only).get_submodule("0")
         assert isinstance(bn, normserve.RemoteSyncBatchNorm)
     else:
         bn = normserve.RemoteSyncBatchNorm(
-            CHANNELS, momentum=MOMENTUM, client=client, name=job.prefix + "0", rank=rank, world_size=job.world_size
+            CHANNELS, momentum=MOMENTUM, client=client, name=job.prefix + "0", rank=rank, world_size=job.world_size, stats_only=job.stats_only
         )
-    assert (bn.rank, bn.world_size) == (rank, job.world_size)
+    assert (bn.rank, bn.world_size, bn.stats_only) == (rank, job.world_size, job.stats_only)
     assert bn.weight is not None and bn.bias is not None
     weight, bias = initial_parameters()
     with torch.no_grad():

@@ -1,5 +1,6 @@
-"""RemoteSyncBatchNorm across processes: 2 and 3 ranks, each its own process and Client, give
-what one process running nn.BatchNorm2d on the whole (concatenated) batch gives."""
+"""RemoteSyncBatchNorm across processes: 2 and 3 ranks, each its own process and Client, with
+full shards or statistics only, give what one process running nn.BatchNorm2d on the whole
+(concatenated) batch gives."""
 from __future__ import annotations
 
 import socket
@@ -54,12 +55,20 @@ def free_port() -> int:
 
 
 @pytest.mark.parametrize(
-    ("world_size", "gloo"),
-    [(2, False), (3, False), (3, True)],
-    ids=["2 ranks by argument", "3 ranks by argument", "3 ranks with gloo and DDP"],
+    ("world_size", "gloo", "stats_only"),
+    [(2, False, False), (3, False, False), (3, True, False), (2, False, True), (3, True, True)],
+    ids=[
+        "2 ranks by argument",
+        "3 ranks by argument",
+        "3 ranks with gloo and DDP",
+        "2 ranks by argument, statistics only",
+        "3 ranks with gloo and DDP, statistics only",
+    ],
 )
-def test_ranks_match_batchnorm_on_the_whole_batch(address: str, prefix: str, tmp_path: Path, world_size: int, gloo: bool) -> None:
-    job = Job(address, prefix, world_size, free_port() if gloo else None, tmp_path)
+def test_ranks_match_batchnorm_on_the_whole_batch(
+    address: str, prefix: str, tmp_path: Path, world_size: int, gloo: bool, stats_only: bool
+) -> None:
+    job = Job(address, prefix, world_size, free_port() if gloo else None, tmp_path, stats_only)
     mp.spawn(run_rank, args=(job,), nprocs=world_size, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world_size)]
     expected = reference(world_size, averaged=gloo)
@@ -116,3 +125,40 @@ def test_a_resumed_job_continues_its_steps(client: normserve.Client, prefix: str
     resumed = normserve.RemoteSyncBatchNorm(3, client=client, name=prefix + "bn", first_step=first.step)
     resumed(x)
     assert (resumed.step, int(resumed.num_batches_tracked)) == (3, 3)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+def test_statistics_only_sends_no_tensor_and_is_batchnorm(client: normserve.Client, prefix: str, monkeypatch: pytest.MonkeyPatch, affine: bool) -> None:
+    """A group of one in statistics-only mode: training and eval (with gradients through the
+    running statistics) agree with nn.BatchNorm3d, and the calls are GatherStats and ReduceGrads."""
+    torch.manual_seed(5)
+    local = nn.BatchNorm3d(3, affine=affine, momentum=None)
+    remote = normserve.RemoteSyncBatchNorm(3, affine=affine, momentum=None, client=client, name=prefix + "bn", stats_only=True)
+    if affine:
+        with torch.no_grad():
+            for m in (local, remote):
+                m.weight.copy_(torch.tensor([0.5, 2.0, -1.0]))  # type: ignore[union-attr]
+                m.bias.copy_(torch.tensor([0.1, 0.0, 3.0]))  # type: ignore[union-attr]
+    calls: list[str] = []
+    routed = client._routed
+    monkeypatch.setattr(client, "_routed", lambda method, name, attempt: (calls.append(method), routed(method, name, attempt))[1])
+    for step, training in enumerate([True, True, False]):
+        local.train(training)
+        remote.train(training)
+        calls.clear()
+        x, dy = torch.randn(2, 3, 2, 3, 4) * 3 + step, torch.randn(2, 3, 2, 3, 4)
+        xs = [x.clone().requires_grad_() for _ in range(2)]
+        ys = [local(xs[0]), remote(xs[1])]
+        for y in ys:
+            (y * dy).sum().backward()
+        where = f"step {step} ({'train' if training else 'eval'})"
+        assert calls == (["GatherStats", "ReduceGrads"] if training else ["GatherStats"]), f"{where}: {calls}"
+        assert_close(ys[1], ys[0].detach(), f"{where} output")
+        assert_close(xs[1].grad, xs[0].grad, f"{where} grad_input")
+        if affine:
+            for name in ("weight", "bias"):
+                assert_close(grad_of(remote.get_parameter(name)), grad_of(local.get_parameter(name)), f"{where} grad of {name}")
+                remote.get_parameter(name).grad = None
+                local.get_parameter(name).grad = None
+        for key in ("running_mean", "running_var", "num_batches_tracked"):
+            assert_close(getattr(remote, key), getattr(local, key), f"{where} {key}")

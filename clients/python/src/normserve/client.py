@@ -98,6 +98,28 @@ class SyncGradients(Gradients):
 
 
 @dataclass(frozen=True)
+class GroupStats:
+    """What GatherStats answers: count, mean, biased variance and invstd (float64), the group's
+    when `synced`, else those the module normalises with on its own (its running statistics, or
+    the rank's batch)."""
+
+    count: int
+    mean: torch.Tensor
+    var: torch.Tensor
+    invstd: torch.Tensor
+    synced: bool
+
+
+@dataclass(frozen=True)
+class ReducedGrads:
+    """What ReduceGrads answers: the group's Σ dy and Σ dy·(x − mean), and its count."""
+
+    sum_dy: torch.Tensor
+    sum_dy_xmu: torch.Tensor
+    count: int
+
+
+@dataclass(frozen=True)
 class LoadResult:
     module: bn.Module
     #: What load_state_dict(strict=False) returns.
@@ -355,6 +377,27 @@ class Client:
             _optional(r, "grad_weight_total"),
             _optional(r, "grad_bias_total"),
         )
+
+    def gather_stats(
+        self, name: str, *, step: int, rank: int, world_size: int, count: int, mean: torch.Tensor, var: torch.Tensor
+    ) -> GroupStats:
+        """Statistics-only SyncBatchNorm: this rank's per-channel count, mean and biased variance
+        in, the statistics to normalise with out (the group's when `synced`)."""
+        request = sbn.GatherStatsRequest(
+            name=name, step=step, rank=rank, world_size=world_size, count=count, mean=mean.tolist(), var=var.tolist()
+        )
+        r = self._call("sync", "GatherStats", request)
+        return GroupStats(r.count, _float64(r.mean), _float64(r.var), _float64(r.invstd), r.synced)
+
+    def reduce_grads(
+        self, name: str, *, step: int, rank: int, world_size: int, sum_dy: torch.Tensor, sum_dy_xmu: torch.Tensor
+    ) -> ReducedGrads:
+        """Statistics-only backward: this rank's Σ dy and Σ dy·(x − mean) in, the group's out."""
+        request = sbn.ReduceGradsRequest(
+            name=name, step=step, rank=rank, world_size=world_size, sum_dy=sum_dy.tolist(), sum_dy_xmu=sum_dy_xmu.tolist()
+        )
+        r = self._call("sync", "ReduceGrads", request)
+        return ReducedGrads(_float64(r.sum_dy), _float64(r.sum_dy_xmu), r.count)
 
     # Transport.
 

@@ -22,18 +22,24 @@ M = TypeVar("M", bound=nn.Module)
 
 @overload
 def convert_remote_batchnorm(
-    module: _BatchNorm, client: Client, prefix: str, *, rank: Optional[int] = None, world_size: Optional[int] = None
+    module: _BatchNorm, client: Client, prefix: str, *, rank: Optional[int] = None, world_size: Optional[int] = None, stats_only: bool = False
 ) -> RemoteNorm: ...
 
 
 @overload
 def convert_remote_batchnorm(
-    module: M, client: Client, prefix: str, *, rank: Optional[int] = None, world_size: Optional[int] = None
+    module: M, client: Client, prefix: str, *, rank: Optional[int] = None, world_size: Optional[int] = None, stats_only: bool = False
 ) -> M: ...
 
 
 def convert_remote_batchnorm(
-    module: nn.Module, client: Client, prefix: str, *, rank: Optional[int] = None, world_size: Optional[int] = None
+    module: nn.Module,
+    client: Client,
+    prefix: str,
+    *,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+    stats_only: bool = False,
 ) -> nn.Module:
     """Replaces every BatchNorm1d/2d/3d and SyncBatchNorm in `module` with its remote twin, named
     `prefix + <qualified module name>` on the server ("resnet/" + "layer1.0.bn1"), and returns
@@ -43,26 +49,33 @@ def convert_remote_batchnorm(
     so an optimiser built before the conversion keeps working), running statistics, counter,
     training flag, momentum, eps and tracking flag. SyncBatchNorms become RemoteSyncBatchNorms of
     their process group; `rank` and `world_size` are for them when torch.distributed is not
-    initialised. To sync plain BatchNorms, convert them with convert_sync_batchnorm first.
+    initialised, and `stats_only` makes them normalise on this process, sending the server only
+    their statistics (RemoteSyncBatchNorm). To sync plain BatchNorms, convert them with
+    convert_sync_batchnorm first.
     """
-    return _convert(module, client, prefix, "", rank, world_size)
+    return _convert(module, client, prefix, "", rank, world_size, stats_only)
 
 
-def _convert(module: nn.Module, client: Client, prefix: str, path: str, rank: Optional[int], world_size: Optional[int]) -> nn.Module:
+def _convert(
+    module: nn.Module, client: Client, prefix: str, path: str, rank: Optional[int], world_size: Optional[int], stats_only: bool
+) -> nn.Module:
     if isinstance(module, _BatchNorm):
-        return _twin(module, client, prefix + path, rank, world_size)
+        return _twin(module, client, prefix + path, rank, world_size, stats_only)
     for child_name, child in module.named_children():
-        module.add_module(child_name, _convert(child, client, prefix, f"{path}.{child_name}" if path else child_name, rank, world_size))
+        twin = _convert(child, client, prefix, f"{path}.{child_name}" if path else child_name, rank, world_size, stats_only)
+        module.add_module(child_name, twin)
     return module
 
 
-def _twin(local: _BatchNorm, client: Client, name: str, rank: Optional[int], world_size: Optional[int]) -> RemoteNorm:
+def _twin(local: _BatchNorm, client: Client, name: str, rank: Optional[int], world_size: Optional[int], stats_only: bool) -> RemoteNorm:
     # PyTorch's constructor registers all three buffers, or none without track_running_stats.
     built_with_stats = any(b is not None for b in (local.running_mean, local.running_var, local.num_batches_tracked))
     args = (local.num_features, local.eps, local.momentum, local.affine, built_with_stats)
     remote: RemoteNorm
     if isinstance(local, nn.SyncBatchNorm):
-        remote = RemoteSyncBatchNorm(*args, local.process_group, client=client, name=name, rank=rank, world_size=world_size)
+        remote = RemoteSyncBatchNorm(
+            *args, local.process_group, client=client, name=name, rank=rank, world_size=world_size, stats_only=stats_only
+        )
     else:
         remote_type = next((remote for local_type, remote in _PLAIN if isinstance(local, local_type)), None)
         if remote_type is None:

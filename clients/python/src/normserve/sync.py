@@ -5,8 +5,9 @@ from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
-from normserve.client import Client, Rule, SyncGradients
+from normserve.client import Client, GroupStats, Rule, SyncGradients
 from normserve.modules import RemoteNorm
 
 
@@ -22,6 +23,14 @@ class RemoteSyncBatchNorm(RemoteNorm):
     already completed with the result it kept, for retries.
     `sync_rule` is "SYNC_WHEN_BATCH_STATS" (the server's default, PR #44445) or
     "SYNC_WHEN_TRAINING" (PyTorch 1.9 and later: no pooling in eval).
+
+    With `stats_only`, the rank normalises its shard itself and the server sees only statistics:
+    GatherStats sends the shard's per-channel count, mean and biased variance (float64, 2C+1
+    numbers) and answers the group's, which the rank normalises with (in float64, rounded once to
+    the input's float32); the backward sends Σ dy and Σ dy·(x − mean) with ReduceGrads and gets the
+    group's. No tensor crosses the wire, the weight and bias are the local Parameters (sent to the
+    server only by state_dict()), and the server keeps the running statistics and the counter as
+    with full shards.
     """
 
     _kind = "SYNC_BATCH_NORM"
@@ -43,6 +52,7 @@ class RemoteSyncBatchNorm(RemoteNorm):
         world_size: Optional[int] = None,
         sync_rule: Optional[Rule] = None,
         first_step: int = 0,
+        stats_only: bool = False,
     ) -> None:
         rank, world_size = group_place(process_group, rank, world_size)
         super().__init__(
@@ -57,6 +67,7 @@ class RemoteSyncBatchNorm(RemoteNorm):
         # server without talking to each other. A failed step is skipped by every rank alike:
         # the server fails it for all of them.
         self._step = first_step
+        self.stats_only = stats_only
 
     @property
     def step(self) -> int:
@@ -64,7 +75,14 @@ class RemoteSyncBatchNorm(RemoteNorm):
         return self._step
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, rank={self.rank}, world_size={self.world_size}"
+        return f"{super().extra_repr()}, rank={self.rank}, world_size={self.world_size}" + (", stats_only=True" if self.stats_only else "")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.stats_only:
+            return super().forward(input)
+        params = [p for p in (self.weight, self.bias) if p is not None]
+        save = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in params))
+        return _StatsOnlyFunction.apply(input, self.weight, self.bias, self, save)
 
     def _remote_forward(self, input: torch.Tensor, save: bool) -> tuple[torch.Tensor, Any]:
         step = self._step
@@ -75,6 +93,91 @@ class RemoteSyncBatchNorm(RemoteNorm):
     def _remote_backward(self, saved: Any, grad_output: torch.Tensor) -> SyncGradients:
         step, context_id = saved
         return self.client.sync_backward(self.name, context_id, grad_output, step=step, rank=self.rank, world_size=self.world_size)
+
+    def _gather(self, x: torch.Tensor) -> tuple[int, GroupStats, bool]:
+        """GatherStats for shard `x`: the step, the statistics to normalise with, and whether they
+        are a batch's (else the running statistics)."""
+        step = self._step
+        self._step += 1
+        channels = x.shape[1]
+        count = x.numel() // channels if channels else 0
+        if count:
+            # PyTorch's CPU BatchNorm kernel collects the shard's statistics in one pass, summing
+            # in double; its mean and invstd come back rounded to float32.
+            _, mean32, invstd32 = torch.native_batch_norm(x.detach(), None, None, None, None, True, 0.0, self.eps)
+            mean = mean32.to(torch.float64)
+            var = (1 / invstd32.to(torch.float64) ** 2 - self.eps).clamp_(min=0)
+        else:
+            mean = var = torch.zeros(0, dtype=torch.float64)
+        stats = self.client.gather_stats(self.name, step=step, rank=self.rank, world_size=self.world_size, count=count, mean=mean, var=var)
+        # Not synced: the rank's own batch statistics came back (training without a group, or no
+        # running statistics), or else the running statistics.
+        batch = stats.synced or (stats.count == count and count > 0 and torch.equal(stats.mean, mean))
+        return step, stats, batch
+
+
+class _StatsOnlyFunction(torch.autograd.Function):
+    """A stats-only RemoteSyncBatchNorm call: nn.SyncBatchNorm's algorithm, with the coordinator's
+    GatherStats and ReduceGrads where PyTorch has its all_gather and all_reduce, and PyTorch's CPU
+    BatchNorm kernels for the element-wise passes (nn.SyncBatchNorm's own run on GPUs only)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], module: RemoteSyncBatchNorm, save: bool
+    ) -> torch.Tensor:
+        input = input.contiguous()
+        step, stats, batch = module._gather(input)
+        mean, var = stats.mean.to(torch.float32), stats.var.to(torch.float32)
+        if save:
+            ctx.module, ctx.step, ctx.synced, ctx.batch, ctx.count = module, step, stats.synced, batch, stats.count
+            ctx.save_for_backward(input, weight, mean, var)
+        if input.numel() == 0:
+            return torch.empty_like(input)
+        # (x - mean) / sqrt(var + eps) * weight + bias, with the statistics given.
+        return torch.nn.functional.batch_norm(input, mean, var, weight, bias, False, 0.0, module.eps)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
+        x, weight, mean, var = ctx.saved_tensors
+        module: RemoteSyncBatchNorm = ctx.module
+        dy = grad_output.contiguous()
+        channels = x.shape[1]
+        wants = ctx.needs_input_grad
+        w = weight if weight is not None else torch.ones(channels)
+        invstd = 1 / torch.sqrt(var.to(torch.float64) + module.eps)
+        if x.numel() > 0:
+            # With the statistics as constants: dy * invstd * w, and this rank's Σ dy·x̂ and Σ dy.
+            grad_input, grad_weight, grad_bias = torch.ops.aten.native_batch_norm_backward(
+                dy, x, w, mean, var, None, None, False, module.eps, [wants[0], True, True]
+            )
+        else:
+            grad_input, grad_weight, grad_bias = torch.empty_like(dy), torch.zeros(channels), torch.zeros(channels)
+        sum_dy = grad_bias.to(torch.float64)
+        sum_dy_xmu = grad_weight.to(torch.float64) / invstd
+        count = ctx.count
+        if ctx.synced:
+            # Every rank sends its sums, even one that needs no input gradient: the others wait.
+            group = module.client.reduce_grads(
+                module.name, step=ctx.step, rank=module.rank, world_size=module.world_size, sum_dy=sum_dy, sum_dy_xmu=sum_dy_xmu
+            )
+            sum_dy, sum_dy_xmu, count = group.sum_dy, group.sum_dy_xmu, group.count
+        if wants[0] and ctx.batch and x.numel() > 0:
+            # The terms through the batch statistics: − invstd·w·(Σdy/N) − (x − mean)·invstd³·w·(Σdy·(x−mean)/N).
+            k1 = invstd * w.to(torch.float64)
+            k2 = k1 * invstd * invstd * sum_dy_xmu / count
+            shape = (1, channels) + (1,) * (x.dim() - 2)
+            grad_input.addcmul_(x, k2.to(torch.float32).view(shape), value=-1)
+            grad_input.sub_((k1 * sum_dy / count - k2 * mean.to(torch.float64)).to(torch.float32).view(shape))
+        # This rank's partial parameter gradients, as nn.SyncBatchNorm returns them.
+        affine = weight is not None
+        return (
+            grad_input if wants[0] else None,
+            grad_weight if affine and wants[1] else None,
+            grad_bias if affine and wants[2] else None,
+            None,
+            None,
+        )
 
 
 def group_place(process_group: Optional[Any], rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
