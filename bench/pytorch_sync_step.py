@@ -16,7 +16,6 @@ import copy
 import json
 import statistics
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -29,6 +28,9 @@ import torchvision
 from torch import nn
 
 import normserve
+
+# The server's counters, read as bench/pytorch_step.py reads them (this folder is on sys.path).
+from pytorch_step import scrape
 
 
 def model() -> nn.Module:
@@ -73,17 +75,6 @@ def rank_main(rank: int, args: argparse.Namespace, prefix: str, out: str) -> Non
         counters.append(scrape(args.metrics))
     torch.save({"times": times, "counters": counters}, Path(out) / f"rank{rank}.pt")
     client.close()
-
-
-def scrape(url: str) -> tuple[float, float]:
-    calls = moved = 0.0
-    with urllib.request.urlopen(url) as r:
-        for line in r.read().decode().splitlines():
-            if line.startswith("normserve_grpc_calls_total"):
-                calls += float(line.rsplit(" ", 1)[1])
-            elif line.startswith(("normserve_grpc_received_bytes_total", "normserve_grpc_sent_bytes_total")):
-                moved += float(line.rsplit(" ", 1)[1])
-    return calls, moved
 
 
 def main() -> None:
