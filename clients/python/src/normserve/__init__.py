@@ -14,7 +14,7 @@ from normserve.client import (
     SyncForwardResult,
     SyncGradients,
 )
-from normserve.convert import convert_remote_batchnorm
+from normserve.convert import convert_remote_batchnorm, delete_modules
 from normserve.errors import RemoteAttributeError, RemoteError, RemoteRuntimeError, RemoteValueError
 from normserve.modules import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteBatchNorm3d, RemoteNorm
 from normserve.sync import RemoteSyncBatchNorm
@@ -38,4 +38,5 @@ __all__ = [
     "SyncForwardResult",
     "SyncGradients",
     "convert_remote_batchnorm",
+    "delete_modules",
 ]

@@ -94,6 +94,8 @@ class RemoteNorm(nn.Module):
         self.num_features = num_features
         self.affine = affine
         info, created = self._create(eps, momentum, affine, track_running_stats, exist_ok, world_size, sync_rule)
+        #: Whether this object created the server's module (else it joined one that existed).
+        self.created = created
         self._eps: float = info.config.eps
         self._momentum: Optional[float] = None if info.config.cumulative_average else info.config.momentum
         self._track_running_stats: bool = info.track_running_stats
@@ -202,6 +204,45 @@ class RemoteNorm(nn.Module):
             self.bias = local.bias
         # LoadState has just sent them.
         self._pushed = self._local_bits()
+
+    def adopt_state_of_server(self, local: _BatchNorm) -> None:
+        """Resuming: the server's state wins. The PyTorch BatchNorm `local`'s weight and bias
+        Parameters (kept as objects, so that an optimiser built on them goes on working) take the
+        server's values; the module takes `local`'s mode."""
+        state = self.client.get_state(self.name)
+        if self.affine:
+            with torch.no_grad():
+                local.weight.copy_(state["weight"])
+                local.bias.copy_(state["bias"])
+            self.weight = local.weight
+            self.bias = local.bias
+        if local.training != self.training:
+            self.client.update_module(self.name, training=local.training)
+            self.training = local.training
+        self._pushed = self._local_bits()
+
+    def state_differences(self, local: _BatchNorm) -> list[str]:
+        """How the server's module differs from the PyTorch BatchNorm `local`, one line each; empty
+        when they hold the same values, or when the server's is untouched since it was created (so
+        that a rank joining a module another rank of the same job is still converting joins it)."""
+        server = self.client.get_state(self.name)
+        mine = local.state_dict()
+        fresh = {"weight": 1.0, "bias": 0.0, "running_mean": 0.0, "running_var": 1.0, "num_batches_tracked": 0}
+        if all(key not in server or bool((server[key] == value).all()) for key, value in fresh.items()):
+            return []
+        out = []
+        for key in STATE_KEYS:
+            there, here = server.get(key), mine.get(key)
+            if there is None and here is None:
+                continue
+            if there is None or here is None:
+                out.append(f"{key} is {'None' if there is None else 'set'} on the server and {'None' if here is None else 'set'} here")
+            elif key == "num_batches_tracked":
+                if int(there) != int(here):
+                    out.append(f"num_batches_tracked is {int(there)} on the server and {int(here)} here")
+            elif not torch.equal(there, here.detach().to(there.dtype)):
+                out.append(f"{key} differs by up to {(there - here.detach()).abs().max().item():.3g}")
+        return out
 
     # Forward and backward.
 
