@@ -289,6 +289,14 @@ class Client:
     def eval(self, name: str) -> bn.Module:
         return self.update_module(name, training=False)
 
+    def reset_running_stats(self, name: str) -> bn.Module:
+        """module.reset_running_stats(): running_mean 0, running_var 1, the counter 0."""
+        return self._call("modules", "ResetRunningStats", bn.ResetRunningStatsRequest(name=name))
+
+    def reset_parameters(self, name: str) -> bn.Module:
+        """module.reset_parameters(): reset_running_stats(), then weight 1 and bias 0."""
+        return self._call("modules", "ResetParameters", bn.ResetParametersRequest(name=name))
+
     def get_state(self, name: str) -> dict[str, torch.Tensor]:
         """module.state_dict(): PyTorch's keys in its order; absent keys are buffers that are None."""
         state = self._call("modules", "GetState", bn.GetStateRequest(name=name))

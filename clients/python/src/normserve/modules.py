@@ -35,18 +35,20 @@ class _RemoteNormFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: FunctionCtx, input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], module: RemoteNorm, save: bool
     ) -> torch.Tensor:
-        output, saved = module._remote_forward(input, save)
-        ctx.module, ctx.saved = module, saved  # type: ignore[attr-defined]
-        return output.to(input.device)
+        dtype = input.dtype
+        output, saved = module._remote_forward(as_float32(input), save)
+        ctx.module, ctx.saved, ctx.dtype = module, saved, dtype  # type: ignore[attr-defined]
+        return output.to(device=input.device, dtype=dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
-        grads: Gradients = ctx.module._remote_backward(ctx.saved, grad_output)
+        grads: Gradients = ctx.module._remote_backward(ctx.saved, as_float32(grad_output))
         wanted = ctx.needs_input_grad
         to = grad_output.device
+        grad_input = _gradient(wanted[0], grads.grad_input, to)
         return (
-            _gradient(wanted[0], grads.grad_input, to),
+            None if grad_input is None else grad_input.to(ctx.dtype),
             _gradient(wanted[1], grads.grad_weight, to),
             _gradient(wanted[2], grads.grad_bias, to),
             None,
@@ -54,8 +56,69 @@ class _RemoteNormFunction(torch.autograd.Function):
         )
 
 
+#: Input dtypes computed in float32 and answered in their own dtype, as PyTorch's BatchNorm does
+#: for bfloat16 on the CPU (and under autocast) and for float16 on GPUs.
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def as_float32(t: torch.Tensor) -> torch.Tensor:
+    """A bfloat16 or float16 tensor as float32, for the server; any other as it is."""
+    return t.float() if t.dtype in _LOW_PRECISION else t
+
+
 def _gradient(wanted: bool, grad: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
     return grad.to(device) if wanted and grad is not None else None
+
+
+_BUFFER_KEYS = STATE_KEYS[2:]
+
+
+class _ServerBuffers(dict):  # type: ignore[type-arg]
+    """A remote module's `_buffers`: its running statistics and counter as the server holds them,
+    so that named_buffers(), buffers() and `module.running_mean = None` behave as in PyTorch.
+    Reading reads the server (one call); assigning a tensor or None sets the server's buffer.
+    Membership answers without a call: the keys a BatchNorm's buffers can have."""
+
+    def __init__(self, module: RemoteNorm) -> None:
+        super().__init__()
+        self._module = module
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        state = self._module.client.get_state(self._module.name)
+        return {key: state[key] for key in _BUFFER_KEYS if key in state}
+
+    def __contains__(self, key: object) -> bool:
+        return key in _BUFFER_KEYS
+
+    def __getitem__(self, key: str) -> Optional[torch.Tensor]:
+        if key not in _BUFFER_KEYS:
+            raise KeyError(key)
+        return self._state().get(key)
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return self[key] if key in _BUFFER_KEYS else default
+
+    def __setitem__(self, key: str, value: Optional[torch.Tensor]) -> None:
+        module = self._module
+        if value is None:
+            module.client.update_module(module.name, clear_buffers=[key])
+        else:
+            module.client.load_state(module.name, {key: value}, strict=False)
+
+    def items(self):  # type: ignore[no-untyped-def, override]
+        return self._state().items()
+
+    def keys(self):  # type: ignore[no-untyped-def, override]
+        return self._state().keys()
+
+    def values(self):  # type: ignore[no-untyped-def, override]
+        return self._state().values()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._state())
+
+    def __len__(self) -> int:
+        return len(self._state())
 
 
 def _bits(p: torch.Tensor) -> torch.Tensor:
@@ -109,6 +172,7 @@ class RemoteNorm(nn.Module):
             self.register_parameter("bias", None)
         # The bits of weight and bias the server holds; None: unknown, send them before the next use.
         self._pushed: Optional[tuple[torch.Tensor, torch.Tensor]] = self._local_bits()
+        self._buffers = _ServerBuffers(self)  # type: ignore[assignment]
 
     def _create(
         self, eps: float, momentum: Optional[float], affine: bool, track: bool, exist_ok: bool, world_size: int, sync_rule: Optional[Rule]
@@ -175,6 +239,28 @@ class RemoteNorm(nn.Module):
     @property
     def num_batches_tracked(self) -> Optional[torch.Tensor]:
         return self.client.get_state(self.name).get("num_batches_tracked")
+
+    def reset_running_stats(self) -> None:
+        """PyTorch's: running_mean 0, running_var 1, the counter 0 (on the server)."""
+        self.client.reset_running_stats(self.name)
+
+    def reset_parameters(self) -> None:
+        """PyTorch's: reset_running_stats(), then weight 1 and bias 0, here and on the server."""
+        self.client.reset_parameters(self.name)
+        if self.weight is not None and self.bias is not None:
+            with torch.no_grad():
+                self.weight.fill_(1.0)
+                self.bias.zero_()
+        self._pushed = self._local_bits()
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> RemoteNorm:
+        # .to(), .half(), .cuda() and the like move the Parameters; the buffers stay on the
+        # server, in float32.
+        buffers, self.__dict__["_buffers"] = self.__dict__["_buffers"], {}
+        try:
+            return super()._apply(fn, *args, **kwargs)
+        finally:
+            self.__dict__["_buffers"] = buffers
 
     def train(self, mode: bool = True) -> RemoteNorm:
         # As with the parameters, the local flag is the truth: model.train() on a model already

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from normserve.client import Client, GroupStats, Rule, SyncGradients
-from normserve.modules import RemoteNorm
+from normserve.modules import RemoteNorm, as_float32
 
 
 class RemoteSyncBatchNorm(RemoteNorm):
@@ -125,23 +125,25 @@ class _StatsOnlyFunction(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, input: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor], module: RemoteSyncBatchNorm, save: bool
     ) -> torch.Tensor:
-        input = input.contiguous()
+        dtype = input.dtype
+        input = as_float32(input).contiguous()
+        ctx.dtype = dtype
         step, stats, batch = module._gather(input)
         mean, var = stats.mean.to(torch.float32), stats.var.to(torch.float32)
         if save:
             ctx.module, ctx.step, ctx.synced, ctx.batch, ctx.count = module, step, stats.synced, batch, stats.count
             ctx.save_for_backward(input, weight, mean, var)
         if input.numel() == 0:
-            return torch.empty_like(input)
+            return torch.empty_like(input, dtype=dtype)
         # (x - mean) / sqrt(var + eps) * weight + bias, with the statistics given.
-        return torch.nn.functional.batch_norm(input, mean, var, weight, bias, False, 0.0, module.eps)
+        return torch.nn.functional.batch_norm(input, mean, var, weight, bias, False, 0.0, module.eps).to(dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_output: torch.Tensor) -> tuple[Optional[torch.Tensor], ...]:  # type: ignore[override]
         x, weight, mean, var = ctx.saved_tensors
         module: RemoteSyncBatchNorm = ctx.module
-        dy = grad_output.contiguous()
+        dy = as_float32(grad_output).contiguous()
         channels = x.shape[1]
         wants = ctx.needs_input_grad
         w = weight if weight is not None else torch.ones(channels)
@@ -172,7 +174,7 @@ class _StatsOnlyFunction(torch.autograd.Function):
         # This rank's partial parameter gradients, as nn.SyncBatchNorm returns them.
         affine = weight is not None
         return (
-            grad_input if wants[0] else None,
+            grad_input.to(ctx.dtype) if wants[0] else None,
             grad_weight if affine and wants[1] else None,
             grad_bias if affine and wants[2] else None,
             None,
