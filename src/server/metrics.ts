@@ -136,7 +136,12 @@ export class Metrics {
       );
     });
     return new Promise((resolve, reject) => {
-      server.once('error', reject);
+      server.once('error', (err: NodeJS.ErrnoException) => {
+        // A second server on one host meets the first one's metrics port (9464 by default).
+        if (err.code === 'EADDRINUSE') {
+          reject(new Error(`metrics port ${port} on ${host} is in use (another normserve on this host?): start this one with --metrics-port 0 for a free port (logged as metrics_port), or another free port`));
+        } else reject(err);
+      });
       server.listen(port, host, () => {
         const address = server.address();
         resolve({

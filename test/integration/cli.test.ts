@@ -3,6 +3,9 @@
  * building): configuration, the start-up log, serving, and a clean exit on SIGTERM and SIGINT
  * with a call in flight.
  */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
 import { describe, expect, it } from 'vitest';
 import { NormserveClient } from '../../src/client/client.js';
 import { Status } from '../../src/errors.js';
@@ -22,6 +25,17 @@ describe('normserve command line', () => {
     const r = await run([], { NORMSERVE_BACKEND: 'tpu' });
     expect(r.code).toBe(2);
     expect(r.stderr).toMatch(/invalid NORMSERVE_BACKEND=tpu/);
+  });
+
+  it('exits 1 naming the way out when its metrics port is taken, as by a second server on one host', async () => {
+    const first = await startMain(['--port', '0', '--host', '127.0.0.1', '--metrics-port', '0', '--backend', 'native']);
+    const taken = first.lines.find((l) => l.msg === 'normserve listening')!.metrics_port as number;
+    const data = mkdtempSync(join(tmpdir(), 'normserve-cli-'));
+    const r = await run(['--port', '0', '--host', '127.0.0.1', '--metrics-port', String(taken), '--backend', 'native', '--store', `sqlite:${data}`]);
+    rmSync(data, { recursive: true, force: true });
+    expect(await first.stop()).toBe(0);
+    expect(r.code).toBe(1);
+    expect(r.stderr).toContain(`normserve: metrics port ${taken} on 127.0.0.1 is in use (another normserve on this host?): start this one with --metrics-port 0`);
   });
 
   it('serves on the port it logs, says which backend runs, and exits 0 on SIGTERM under load', async () => {

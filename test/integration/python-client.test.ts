@@ -83,4 +83,12 @@ describe('the Python client', () => {
     expect(output).toMatch(/\d+ passed/);
     expect(output).not.toMatch(/skipped|xfail/);
   }, 600_000);
+
+  it('runs examples/pytorch_train.py: remote training agrees with local, then the run is deleted', async () => {
+    const { code, output } = await run(venvPython, ['examples/pytorch_train.py', '--address', address, '--steps', '4']);
+    expect(code, output).toBe(0);
+    expect(output).toMatch(/^step 3: loss local \d\.\d{6} remote \d\.\d{6}$/m);
+    expect(output).toMatch(/num_batches_tracked 4$/m);
+    expect(output).toMatch(/^deleted 2 modules under examples\/pytorch-train\//m);
+  }, 120_000);
 });
