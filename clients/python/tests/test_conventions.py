@@ -102,3 +102,51 @@ def test_bfloat16_under_autocast_and_float16_inputs_as_pytorch(client: normserve
     reference.eval()
     bn.eval()
     assert_close(bn(h.detach().half()).float(), reference(h.detach().half().float()).half().float(), "float16 eval output")
+
+
+def test_pickle_save_and_deepcopy_reconnect_by_address_and_name(client: normserve.Client, prefix: str) -> None:
+    import io
+    import pickle
+
+    _, remote = _pair(client, prefix)
+    remote.eval()
+    x = torch.randn(3, 3, 7, 7)
+    with torch.no_grad():
+        want = remote(x)
+    buffer = io.BytesIO()
+    torch.save(remote, buffer)
+    buffer.seek(0)
+    for copy_ in (torch.load(buffer), pickle.loads(pickle.dumps(remote)), copy.deepcopy(remote)):
+        bn = copy_.get_submodule("1")
+        assert isinstance(bn, normserve.RemoteBatchNorm2d) and bn.name == prefix + "1"
+        assert bn.client is not client
+        with torch.no_grad():
+            assert torch.equal(copy_(x), want)
+        # The copy is the same module on the server, not a new one.
+        assert [k for k, _ in copy_.named_buffers()] == [k for k, _ in remote.named_buffers()]
+        bn.client.close()
+    secure = normserve.Client("localhost:1", credentials=__import__("grpc").ssl_channel_credentials())
+    with pytest.raises(TypeError, match="TLS credentials cannot be pickled"):
+        pickle.dumps(secure)
+
+
+def test_convert_local_batchnorm_is_the_way_back_for_save_onnx_and_torchscript(client: normserve.Client, prefix: str) -> None:
+    import io
+
+    local, remote = _pair(client, prefix)
+    weight = remote.get_submodule("1").weight
+    with pytest.raises(RuntimeError, match=r"cannot be traced or exported.*convert_local_batchnorm"):
+        torch.onnx.export(remote.eval(), torch.randn(1, 3, 7, 7), io.BytesIO())
+    with pytest.raises(RuntimeError, match="convert_local_batchnorm"):
+        torch.jit.trace(remote, torch.randn(1, 3, 7, 7))
+    back = normserve.convert_local_batchnorm(remote)
+    assert [type(m) for m in back.modules()] == [type(m) for m in local.modules()]
+    assert back.get_submodule("1").weight is weight
+    assert back.get_submodule("4").momentum is None
+    for (key, want), got in zip(local.state_dict().items(), back.state_dict().values()):
+        assert_close(got, want, key)
+    local.eval()
+    x = torch.randn(2, 3, 7, 7)
+    assert_close(back(x), local(x), "eval output after the way back")
+    torch.onnx.export(back, x, io.BytesIO())
+    assert_close(torch.jit.trace(back, x)(x), local(x), "traced output")

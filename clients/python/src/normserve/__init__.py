@@ -14,7 +14,7 @@ from normserve.client import (
     SyncForwardResult,
     SyncGradients,
 )
-from normserve.convert import convert_remote_batchnorm, delete_modules
+from normserve.convert import convert_local_batchnorm, convert_remote_batchnorm, delete_modules
 from normserve.errors import RemoteAttributeError, RemoteError, RemoteRuntimeError, RemoteValueError
 from normserve.modules import RemoteBatchNorm1d, RemoteBatchNorm2d, RemoteBatchNorm3d, RemoteNorm
 from normserve.sync import RemoteSyncBatchNorm
@@ -37,6 +37,7 @@ __all__ = [
     "RemoteValueError",
     "SyncForwardResult",
     "SyncGradients",
+    "convert_local_batchnorm",
     "convert_remote_batchnorm",
     "delete_modules",
 ]

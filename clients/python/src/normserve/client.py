@@ -174,6 +174,12 @@ class Client:
         shared_memory_above_bytes: int = SHARED_MEMORY_ABOVE_BYTES,
     ) -> None:
         self._address = address
+        # What pickling needs to connect again (a pickled module reconnects by address and name).
+        self._settings = {
+            "address": address, "token": token, "deadline": deadline, "retries": retries, "follow_owner": follow_owner,
+            "stream_above_bytes": stream_above_bytes, "chunk_bytes": chunk_bytes,
+            "shared_memory": shared_memory, "shared_memory_above_bytes": shared_memory_above_bytes,
+        }
         self._credentials = credentials
         self._deadline = deadline
         self._retries = retries
@@ -187,6 +193,16 @@ class Client:
         self._shared_memory_above_bytes = shared_memory_above_bytes
         # Per replica: its region pool, or None where shared memory is off, refused or out of sight.
         self._pools: dict[str, Optional[_shm.RegionPool]] = {}
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickled (torch.save, copy.deepcopy, multiprocessing) as its settings: the copy opens
+        its own connections to the same address. TLS credentials cannot be pickled."""
+        if self._credentials is not None:
+            raise TypeError(
+                "a normserve.Client with TLS credentials cannot be pickled (grpc credentials cannot): "
+                "save the model after normserve.convert_local_batchnorm(model), or its state_dict()"
+            )
+        return (_client_from_settings, (dict(self._settings),))
 
     def shared_memory_directory(self, address: Optional[str] = None) -> Optional[str]:
         """The directory whose files carry this client's tensors to the replica at `address` (by
@@ -627,6 +643,10 @@ _SAFE_TO_REPEAT = frozenset(
         "ReduceGrads",
     }
 )
+
+
+def _client_from_settings(settings: dict[str, Any]) -> Client:
+    return Client(**settings)
 
 
 def _float64(values: Sequence[float]) -> torch.Tensor:

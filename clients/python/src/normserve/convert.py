@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, TypeVar, overload
 
+import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
@@ -71,6 +72,47 @@ def convert_remote_batchnorm(
     if resume and sync and first_step is None:
         raise ValueError("resume=True with SyncBatchNorms needs first_step: the step their modules had reached (module.step), kept with the job's checkpoint")
     return _convert(module, client, prefix, "", rank, world_size, _Options(stats_only, resume, first_step or 0))
+
+
+def convert_local_batchnorm(module: nn.Module) -> nn.Module:
+    """The way back: replaces every remote module in `module` with PyTorch's own BatchNorm1d/2d/3d
+    (or SyncBatchNorm for a RemoteSyncBatchNorm), holding the server's state (running statistics,
+    counter, buffers that are None), the same weight and bias Parameter objects, and the module's
+    eps, momentum, tracking flag and mode; returns `module` (or the local module, when `module`
+    itself is remote). For torch.save of a model without a server, torch.onnx.export and
+    torch.jit. The server's modules stay; delete_modules removes them."""
+    if isinstance(module, RemoteNorm):
+        return _local_twin(module)
+    for child_name, child in module.named_children():
+        module.add_module(child_name, convert_local_batchnorm(child))
+    return module
+
+
+def _local_twin(remote: RemoteNorm) -> _BatchNorm:
+    info = remote.client.get_module(remote.name)
+    state = remote.client.get_state(remote.name)
+    built_with_stats = info.config.track_running_stats
+    args = (remote.num_features, remote.eps, remote.momentum, remote.affine, built_with_stats)
+    local: _BatchNorm
+    if isinstance(remote, RemoteSyncBatchNorm):
+        local = nn.SyncBatchNorm(*args, process_group=remote.process_group)
+    else:
+        local_type = next(local_type for local_type, remote_type in _PLAIN if isinstance(remote, remote_type))
+        local = local_type(*args)
+    local.track_running_stats = remote.track_running_stats
+    for key in ("running_mean", "running_var", "num_batches_tracked"):
+        if built_with_stats and key not in state:
+            setattr(local, key, None)
+        elif key in state:
+            getattr(local, key).copy_(state[key])
+    if remote.affine:
+        with torch.no_grad():
+            remote.weight.copy_(state["weight"])  # type: ignore[union-attr]
+            remote.bias.copy_(state["bias"])  # type: ignore[union-attr]
+        local.weight = remote.weight
+        local.bias = remote.bias
+    local.train(remote.training)
+    return local
 
 
 @dataclass(frozen=True)

@@ -66,6 +66,16 @@ def as_float32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.dtype in _LOW_PRECISION else t
 
 
+def _refuse_tracing() -> None:
+    """torch.jit.trace and torch.onnx.export would record the server's answer as a constant."""
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export():
+        raise RuntimeError(
+            "a remote BatchNorm cannot be traced or exported: its computing happens on the server, and the trace "
+            "would keep one answer as a constant. Convert it back first: "
+            "model = normserve.convert_local_batchnorm(model), then torch.onnx.export or torch.jit.trace"
+        )
+
+
 def _gradient(wanted: bool, grad: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
     return grad.to(device) if wanted and grad is not None else None
 
@@ -240,6 +250,18 @@ class RemoteNorm(nn.Module):
     def num_batches_tracked(self) -> Optional[torch.Tensor]:
         return self.client.get_state(self.name).get("num_batches_tracked")
 
+    # Pickling (torch.save(model), copy.deepcopy): the module goes as its name and its client's
+    # settings, and the copy uses the same module on the server.
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_buffers"] = {}
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.__dict__["_buffers"] = _ServerBuffers(self)
+
     def reset_running_stats(self) -> None:
         """PyTorch's: running_mean 0, running_var 1, the counter 0 (on the server)."""
         self.client.reset_running_stats(self.name)
@@ -336,6 +358,7 @@ class RemoteNorm(nn.Module):
     _parameters_ride_forward: ClassVar[bool] = True
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        _refuse_tracing()
         if not self._parameters_ride_forward:
             self._push_parameters()
         params = [p for p in (self.weight, self.bias) if p is not None]

@@ -8,7 +8,7 @@ import torch.distributed as dist
 from torch.autograd.function import once_differentiable
 
 from normserve.client import Client, GroupStats, Rule, SyncGradients
-from normserve.modules import RemoteNorm, as_float32
+from normserve.modules import RemoteNorm, _refuse_tracing, as_float32
 
 
 class RemoteSyncBatchNorm(RemoteNorm):
@@ -78,6 +78,7 @@ class RemoteSyncBatchNorm(RemoteNorm):
         return f"{super().extra_repr()}, rank={self.rank}, world_size={self.world_size}" + (", stats_only=True" if self.stats_only else "")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
+        _refuse_tracing()
         if not self.stats_only:
             return super().forward(input)
         params = [p for p in (self.weight, self.bias) if p is not None]
