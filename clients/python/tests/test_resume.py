@@ -96,3 +96,12 @@ def test_a_rerun_sync_job_is_refused_not_replayed(client: normserve.Client, pref
     assert int(bn.num_batches_tracked) == 5
     assert_close(bn.running_mean, local.running_mean, "running_mean")
     assert_close(bn.running_var, local.running_var, "running_var")
+
+
+def test_a_module_made_twice_names_the_way_out(client: normserve.Client, prefix: str) -> None:
+    normserve.RemoteBatchNorm1d(3, client=client, name=prefix + "bn")
+    with pytest.raises(normserve.RemoteError, match=r"already exists: pass exist_ok=True to join it.*client.delete_module") as info:
+        normserve.RemoteBatchNorm1d(3, client=client, name=prefix + "bn")
+    assert info.value.reason == "BN_ERR_MODULE_EXISTS"
+    assert normserve.RemoteBatchNorm1d(3, client=client, name=prefix + "bn", exist_ok=True).created is False
+

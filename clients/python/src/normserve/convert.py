@@ -176,7 +176,7 @@ def _twin(
             if err.reason != "BN_ERR_MODULE_EXISTS":
                 raise
             way_out = (
-                f"{err.message}: an earlier run's? Pass resume=True to convert_remote_batchnorm to go on with its state, "
+                f"module '{name}' already exists: an earlier run's? Pass resume=True to convert_remote_batchnorm to go on with its state, "
                 f"or delete the run's modules first with normserve.delete_modules(client, {prefix!r})"
             )
             raise type(err)(err.code, err.reason, err.python_type, way_out, err.info) from None

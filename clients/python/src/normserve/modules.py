@@ -195,8 +195,11 @@ class RemoteNorm(nn.Module):
             )
             return info, True
         except RemoteError as err:
-            if not (exist_ok and err.reason == "BN_ERR_MODULE_EXISTS"):
+            if err.reason != "BN_ERR_MODULE_EXISTS":
                 raise
+            if not exist_ok:
+                way_out = f"{err.message}: pass exist_ok=True to join it with its state, or delete it first (client.delete_module({self.name!r}))"
+                raise type(err)(err.code, err.reason, err.python_type, way_out, err.info) from None
         info = self.client.get_module(self.name)
         c = info.config
         c_momentum = None if c.cumulative_average else c.momentum
