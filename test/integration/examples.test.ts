@@ -2,7 +2,7 @@
  * The examples in examples/ run as they are, built to dist/examples/, against a real server
  * process: an example that stops working fails here.
  */
-import { readdirSync } from 'node:fs';
+import { readdirSync, readFileSync } from 'node:fs';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runNode, startMain, type Started } from '../support/main-process.js';
 
@@ -17,8 +17,11 @@ afterAll(async () => {
 const run = (name: string) => runNode(`dist/examples/${name}.js`, [], { NORMSERVE_ADDRESS: `127.0.0.1:${server.port}` });
 
 describe('examples', () => {
-  it('are all run here', () => {
-    expect(readdirSync('examples').sort()).toEqual(['sync-ranks.ts', 'train-loop.ts']);
+  it('are all run: the TypeScript ones here, the Python ones by python-client.test.ts (which has the venv)', () => {
+    const files = readdirSync('examples').sort();
+    expect(files.filter((f) => !f.endsWith('.py'))).toEqual(['sync-ranks.ts', 'train-loop.ts']);
+    const python = readFileSync('test/integration/python-client.test.ts', 'utf8');
+    for (const f of files.filter((f) => f.endsWith('.py'))) expect(python, f).toContain(`'examples/${f}'`);
   });
 
   it('train-loop: the loss falls over five SGD steps, then eval leaves the counter at 5', async () => {
