@@ -11,7 +11,8 @@ import { savedBytesFor, type ContextStore } from '../registry/context-store.js';
 import type { ModuleRegistry, Page } from '../registry/module-registry.js';
 import { configFromWire, loadInputFromWire, moduleToWire, stateToWire, updateFromWire } from '../wire/convert.js';
 import { batchNormService } from '../wire/proto.js';
-import { decodeTensor, encodeTensor } from '../wire/tensor-codec.js';
+import { encodeTensor } from '../wire/tensor-codec.js';
+import type { LoadInput } from '../nn/state-dict.js';
 import type { Coordinator } from '../sync/coordinator.js';
 import type { BackwardRequest__Output } from '../generated/normserve/v1/BackwardRequest.js';
 import type { BackwardResponse } from '../generated/normserve/v1/BackwardResponse.js';
@@ -55,20 +56,23 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
       registry.exclusive(
         req.name,
         async (module) => {
-          const parameter = (field: 'weight' | 'bias') => decodeTensor(req[field], { field, maxElements: deps.maxTensorElements, accept: ['FLOAT32', 'FLOAT64'] });
-          const parameters = req.weight && req.bias ? { weight: parameter('weight'), bias: parameter('bias') } : undefined;
+          const parameters = req.weight && req.bias ? loadInputFromWire({ weight: req.weight, bias: req.bias }, deps.maxTensorElements, '') : undefined;
           // Loaded as LoadState(strict=false) would (PyTorch's size-mismatch message included), and
           // put back when the forward is refused: the parameters change with the call or not at
           // all, and the forward's own effects on a refusal stay PyTorch's (a channel mismatch
           // has counted the batch, as there).
-          const before = parameters ? module.snapshot() : undefined;
-          if (parameters) module.loadStateDict(parameters, 2, false);
+          let previous: LoadInput | undefined;
+          if (parameters) {
+            const { weight, bias } = module.snapshot();
+            previous = { weight: { shape: [weight!.length], data: weight! }, bias: { shape: [bias!.length], data: bias! } };
+            module.loadStateDict(parameters, 2, false);
+          }
           let result: Awaited<ReturnType<typeof module.forward>>;
           try {
             // The decoded input is this call's own: a saved context keeps it without a copy.
             result = await module.forward(input.data, input.shape, kernels, req.save_for_backward, true);
           } catch (err) {
-            if (before) module.loadStateDict({ weight: { shape: [before.weight!.length], data: before.weight! }, bias: { shape: [before.bias!.length], data: before.bias! } }, 2, false);
+            if (previous) module.loadStateDict(previous, 2, false);
             throw err;
           }
           const { output, saved } = result;

@@ -61,11 +61,19 @@ export function updateFromWire(r: UpdateModuleRequest__Output): ModuleUpdate {
   return { training: r.training, trackRunningStats: r.track_running_stats, momentum, eps: r.eps, clearBuffers };
 }
 
-export function loadInputFromWire(s: ModuleState__Output | null | undefined, maxElements: number): LoadInput {
-  const state = s ?? ({ version: 0 } as ModuleState__Output);
+/**
+ * What a load puts into a module, from LoadState's `state` or from the tensors of another request
+ * (Forward's weight and bias); `fieldPrefix` names the fields in errors ('state.' for LoadState).
+ */
+export function loadInputFromWire(
+  s: Partial<ModuleState__Output> | null | undefined,
+  maxElements: number,
+  fieldPrefix = 'state.',
+): LoadInput {
+  const state = s ?? {};
   const tensor = (key: 'weight' | 'bias' | 'running_mean' | 'running_var') => {
     const t = state[key];
-    return t ? decodeTensor(t, { field: `state.${key}`, maxElements, accept: ['FLOAT32', 'FLOAT64'] }) : undefined;
+    return t ? decodeTensor(t, { field: `${fieldPrefix}${key}`, maxElements, accept: ['FLOAT32', 'FLOAT64'] }) : undefined;
   };
   const nbt = state.num_batches_tracked === undefined ? undefined : BigInt(state.num_batches_tracked);
   return {

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import numpy as np
-import torch
 
 _LOOPBACK = re.compile(r"^(localhost|127(\.\d{1,3}){3}|\[::1\]|unix:.*)(:\d+)?$")
 #: Regions are made in sizes of powers of two from this one, so that few serve every shape.
@@ -41,10 +40,9 @@ class Region:
     size: int
     map: mmap.mmap
 
-    def write(self, offset: int, tensor: torch.Tensor, bits: torch.dtype, wire: str) -> None:
-        """The tensor's elements as the wire carries them (little-endian), at `offset`."""
-        source = tensor.detach().cpu().contiguous().view(bits).numpy().reshape(-1)
-        np.frombuffer(self.map, dtype=wire, count=source.size, offset=offset)[:] = source
+    def write(self, offset: int, elements: np.ndarray) -> None:
+        """Flat elements in their wire order (_tensors.wire_array) at `offset`: the one copy."""
+        np.frombuffer(self.map, dtype=elements.dtype, count=elements.size, offset=offset)[:] = elements
 
     def read_float32(self, offset: int, count: int) -> np.ndarray:
         """`count` little-endian float32 values at `offset`, copied out of the mapping."""

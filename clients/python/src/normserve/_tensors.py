@@ -19,10 +19,16 @@ _WIRE: dict[torch.dtype, tuple[tensor_pb2.DType, torch.dtype, str]] = {
 }
 
 
+def wire_array(t: torch.Tensor) -> np.ndarray:
+    """The tensor's elements as the wire carries them, flat: little-endian, a view where this
+    machine's order is already that."""
+    _, bits, wire = wire_type(t)
+    return t.detach().cpu().contiguous().view(bits).numpy().reshape(-1).astype(wire, copy=False)
+
+
 def tensor_bytes(t: torch.Tensor) -> bytes:
     """The tensor's elements as the wire carries them."""
-    _, bits, wire = wire_type(t)
-    return t.detach().cpu().contiguous().view(bits).numpy().astype(wire, copy=False).tobytes()
+    return wire_array(t).tobytes()
 
 
 def tensor_head(t: torch.Tensor) -> tensor_pb2.Tensor:

@@ -174,12 +174,7 @@ class Client:
         shared_memory_above_bytes: int = SHARED_MEMORY_ABOVE_BYTES,
     ) -> None:
         self._address = address
-        # What pickling needs to connect again (a pickled module reconnects by address and name).
-        self._settings = {
-            "address": address, "token": token, "deadline": deadline, "retries": retries, "follow_owner": follow_owner,
-            "stream_above_bytes": stream_above_bytes, "chunk_bytes": chunk_bytes,
-            "shared_memory": shared_memory, "shared_memory_above_bytes": shared_memory_above_bytes,
-        }
+        self._token = token
         self._credentials = credentials
         self._deadline = deadline
         self._retries = retries
@@ -202,7 +197,12 @@ class Client:
                 "a normserve.Client with TLS credentials cannot be pickled (grpc credentials cannot): "
                 "save the model after normserve.convert_local_batchnorm(model), or its state_dict()"
             )
-        return (_client_from_settings, (dict(self._settings),))
+        settings = {
+            "address": self._address, "token": self._token, "deadline": self._deadline, "retries": self._retries,
+            "follow_owner": self._follow_owner, "stream_above_bytes": self._stream_above_bytes, "chunk_bytes": self._chunk_bytes,
+            "shared_memory": self._shared_memory, "shared_memory_above_bytes": self._shared_memory_above_bytes,
+        }
+        return (_client_from_settings, (settings,))
 
     def shared_memory_directory(self, address: Optional[str] = None) -> Optional[str]:
         """The directory whose files carry this client's tensors to the replica at `address` (by
@@ -447,10 +447,9 @@ class Client:
                 data = _tensors.tensor_bytes(tensor)
             if len(data) > self._stream_above_bytes:
                 return self._stream(getattr(endpoint, service), method, request, data, out_field, timeout)
-            message = type(request)()
-            message.CopyFrom(request)
-            getattr(message, in_field).data = data
-            response = getattr(getattr(endpoint, service), method)(message, timeout=timeout, metadata=self._metadata)
+            # The request itself: a region attempt, which goes first, works on a copy of it.
+            getattr(request, in_field).data = data
+            response = getattr(getattr(endpoint, service), method)(request, timeout=timeout, metadata=self._metadata)
             return response, _tensors.decode(getattr(response, out_field))
 
         regions = (
@@ -490,10 +489,11 @@ class Client:
             self._stop_shared_memory(endpoint.address)
             return None
         try:
-            _, bits, wire = _tensors.wire_type(tensor)
-            region.write(0, tensor, bits, wire)
+            region.write(0, _tensors.wire_array(tensor))
             message = type(request)()
             message.CopyFrom(request)
+            # An earlier attempt over the wire (at another replica) may have put the bytes in.
+            getattr(message, in_field).ClearField("data")
             getattr(message, f"{in_field}_region").CopyFrom(bn.RegionRef(region=region.name, offset=0))
             getattr(message, f"{out_field}_region").CopyFrom(bn.RegionRef(region=region.name, offset=nbytes))
             try:

@@ -46,9 +46,8 @@ class _RemoteNormFunction(torch.autograd.Function):
         grads: Gradients = ctx.module._remote_backward(ctx.saved, as_float32(grad_output))
         wanted = ctx.needs_input_grad
         to = grad_output.device
-        grad_input = _gradient(wanted[0], grads.grad_input, to)
         return (
-            None if grad_input is None else grad_input.to(ctx.dtype),
+            _gradient(wanted[0], grads.grad_input, to, ctx.dtype),
             _gradient(wanted[1], grads.grad_weight, to),
             _gradient(wanted[2], grads.grad_bias, to),
             None,
@@ -76,8 +75,8 @@ def _refuse_tracing() -> None:
         )
 
 
-def _gradient(wanted: bool, grad: Optional[torch.Tensor], device: torch.device) -> Optional[torch.Tensor]:
-    return grad.to(device) if wanted and grad is not None else None
+def _gradient(wanted: bool, grad: Optional[torch.Tensor], device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[torch.Tensor]:
+    return grad.to(device=device, dtype=dtype) if wanted and grad is not None else None
 
 
 _BUFFER_KEYS = STATE_KEYS[2:]

@@ -78,9 +78,9 @@ class RemoteSyncBatchNorm(RemoteNorm):
         return f"{super().extra_repr()}, rank={self.rank}, world_size={self.world_size}" + (", stats_only=True" if self.stats_only else "")
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
-        _refuse_tracing()
         if not self.stats_only:
             return super().forward(input)
+        _refuse_tracing()
         params = [p for p in (self.weight, self.bias) if p is not None]
         save = torch.is_grad_enabled() and (input.requires_grad or any(p.requires_grad for p in params))
         return _StatsOnlyFunction.apply(input, self.weight, self.bias, self, save)
