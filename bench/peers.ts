@@ -51,6 +51,7 @@ import { grpcObject } from '../src/wire/proto.js';
 import { encodeTensor } from '../src/wire/tensor-codec.js';
 import { clientChannelOptions } from '../src/wire/transport.js';
 import { loadEchoService } from './echo-server.js';
+import { fill } from './fill.js';
 import { batchNormBackwardModel, batchNormForwardModel, channelShape } from './onnx-model.js';
 import { startServerProcess } from './server-process.js';
 
@@ -111,15 +112,6 @@ const elements = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
 const round = (value: number, digits: number) => Math.round(value * 10 ** digits) / 10 ** digits;
 const median = (values: readonly number[]) => [...values].sort((a, b) => a - b)[values.length >> 1]!;
 
-/** Deterministic values: centre + spread · U(−1, 1). */
-function fill(target: Float32Array, seed: number, centre: number, spread: number): Float32Array {
-  let s = seed >>> 0;
-  for (let i = 0; i < target.length; i++) {
-    s = (s * 1103515245 + 12345) >>> 0;
-    target[i] = centre + spread * ((s / 4294967296) * 2 - 1);
-  }
-  return target;
-}
 /** The input of every runner: 3 ± 2 (a mean well away from 0, as in real activations). */
 const inputInto = (target: Float32Array) => fill(target, 12345, 3, 2);
 /** The output gradient of every backward: ± 1. */

@@ -46,7 +46,9 @@ export async function startBackend(name: BackendName, opts: { requireHardware?: 
   if (name === 'reference') return createReferenceKernels();
   let kernels: Kernels;
   if (name === 'native') {
-    kernels = new NativeKernels();
+    const native = new NativeKernels();
+    await native.ready;
+    kernels = native;
   } else {
     const probe = await PROBES[name]();
     if (!probe.available) throw new Error(probe.description);

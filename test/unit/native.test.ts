@@ -3,7 +3,9 @@
  * non-finite values, its tensor pool and its shutdown. (Its arithmetic is checked against the
  * reference with every other backend in kernels.test.ts and the golden tests.)
  */
+import { createHash } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
+import type { BackwardParams, Layout, TrainForwardParams } from '../../src/kernels/kernels.js';
 import { NativeKernels } from '../../src/kernels/native/native-kernels.js';
 import { referenceGradSums, referenceStats } from '../../src/kernels/reference.js';
 import { channelData } from '../support/data.js';
@@ -18,35 +20,46 @@ afterEach(async () => {
   await Promise.all(open.splice(0).map((k) => k.dispose()));
 });
 
+function backwardParams(c: number, batchStats: boolean, count: number): BackwardParams {
+  return { mean: new Float64Array(c), invstd: new Float64Array(c).fill(1), weight: new Float64Array(c).fill(1), batchStats, count };
+}
+
 describe('native backend', () => {
-  it('gives the same sums whether one thread or several share the work, for any split', async () => {
-    // Unit counts that do not divide evenly, fewer units than threads, (N, C) and (N, C, S).
+  it('gives the same bits whether one thread or several share the work, for any split', async () => {
+    // Unit counts that do not divide evenly, fewer units than threads, (N, C) and (N, C, S), and
+    // tensors of several chunks.
     const layouts = [
       { n: 3, c: 5, s: 7 },
       { n: 1, c: 2, s: 3 },
       { n: 7, c: 3, s: 1 },
       { n: 2, c: 1, s: 1 },
       { n: 5, c: 1, s: 11 },
+      { n: 6, c: 3, s: 3001 },
+      { n: 301, c: 211, s: 1 },
     ];
-    const one = start({ threads: 1 });
+    const bits = (a: Float64Array) => Array.from(a, String);
+    const one = start({ threads: 1, simd: false });
     for (const threads of [2, 3, 5]) {
       const many = start({ threads, inlineBelow: 0 });
+      await many.ready;
+      expect(many.simd).toBe(true);
       for (const layout of layouts) {
         const x = channelData(layout.n, layout.c, layout.s, 10, 2, threads);
         const dy = channelData(layout.n, layout.c, layout.s, 0, 1, threads + 1);
         const ref = referenceStats(x, layout);
         const a = await one.stats(x, layout);
         const b = await many.stats(x, layout);
-        for (let ch = 0; ch < layout.c; ch++) {
-          expect(b.mean[ch]).toBeCloseTo(a.mean[ch]!, 12);
-          expect(b.m2[ch]).toBeCloseTo(a.m2[ch]!, 10);
-          expect(b.mean[ch]).toBeCloseTo(ref.mean[ch]!, 12);
-        }
+        expect(bits(b.mean)).toEqual(bits(a.mean));
+        expect(bits(b.m2)).toEqual(bits(a.m2));
+        for (let ch = 0; ch < layout.c; ch++) expect(b.mean[ch]).toBeCloseTo(ref.mean[ch]!, 12);
         const sums = await many.gradSums(x, dy, layout, ref.mean);
+        const sumsOne = await one.gradSums(x, dy, layout, ref.mean);
+        expect(bits(sums.sumDy)).toEqual(bits(sumsOne.sumDy));
+        expect(bits(sums.sumDyXmu)).toEqual(bits(sumsOne.sumDyXmu));
         const sumsRef = referenceGradSums(x, dy, layout, ref.mean);
         for (let ch = 0; ch < layout.c; ch++) {
-          expect(sums.sumDy[ch]).toBeCloseTo(sumsRef.sumDy[ch]!, 10);
-          expect(sums.sumDyXmu[ch]).toBeCloseTo(sumsRef.sumDyXmu[ch]!, 10);
+          expect(sums.sumDy[ch]).toBeCloseTo(sumsRef.sumDy[ch]!, 8);
+          expect(sums.sumDyXmu[ch]).toBeCloseTo(sumsRef.sumDyXmu[ch]!, 8);
         }
       }
     }
@@ -107,5 +120,129 @@ describe('native backend', () => {
     const kernels = new NativeKernels({ threads: 2, inlineBelow: 0 });
     await kernels.dispose();
     await expect(kernels.stats(new Float32Array(4), { n: 2, c: 1, s: 2 })).rejects.toThrow(/disposed/);
+    await expect(kernels.fused.backward(new Float32Array(4), new Float32Array(4), { n: 2, c: 1, s: 2 }, backwardParams(1, true, 4))).rejects.toThrow(/disposed/);
+  });
+
+  describe('fused passes', () => {
+    const layouts: Layout[] = [
+      { n: 4, c: 3, s: 6001 },
+      { n: 3, c: 5, s: 7 },
+      { n: 7, c: 3, s: 1 },
+      { n: 9, c: 4, s: 1 },
+      { n: 2, c: 1, s: 13 },
+      { n: 1, c: 2, s: 3 },
+    ];
+
+    /** trainForward on the separate kernels, as batch-norm.ts runs it without `fused`. */
+    async function separateForward(k: NativeKernels, x: Float32Array, layout: Layout, p: TrainForwardParams) {
+      const stats = await k.stats(x, layout);
+      const count = layout.n * layout.s;
+      const scale = stats.m2.map((m2, ch) => {
+        const variance = m2 / count;
+        return (variance === 0 && p.eps === 0 ? 0 : 1 / Math.sqrt(variance + p.eps)) * p.weight[ch]!;
+      });
+      return { stats, output: await k.normalize(x, layout, { mean: stats.mean, scale, shift: p.bias }) };
+    }
+
+    /** backward on the separate kernels, as batch-norm.ts runs it without `fused`. */
+    async function separateBackward(k: NativeKernels, x: Float32Array, dy: Float32Array, layout: Layout, p: BackwardParams) {
+      const sums = await k.gradSums(x, dy, layout, p.mean);
+      const a = p.invstd.map((v, ch) => p.weight[ch]! * v);
+      const b = new Float64Array(layout.c);
+      const kk = new Float64Array(layout.c);
+      if (p.batchStats) {
+        for (let ch = 0; ch < layout.c; ch++) {
+          b[ch] = (-a[ch]! * p.invstd[ch]! * p.invstd[ch]! * sums.sumDyXmu[ch]!) / p.count;
+          kk[ch] = (-a[ch]! * sums.sumDy[ch]!) / p.count;
+        }
+      }
+      return { sums, gradInput: await k.gradInput(x, dy, layout, { mean: p.mean, a, b, k: kk }) };
+    }
+
+    /** The values as strings (NaN and -0 included), or for long arrays a digest of them: a mismatch in a long array is then one line. */
+    const bits = (a: ArrayLike<number>) => {
+      const text = Array.from(a, (v) => (Number.isNaN(v) ? 'NaN' : Object.is(v, -0) ? '-0' : String(v)));
+      if (text.length <= 64) return text;
+      return [`${text.length} values`, createHash('sha256').update(text.join(',')).digest('hex')];
+    };
+
+    it('give the bits of the separate kernels, on one thread or several, on the SIMD loops or not, for any split', async () => {
+      const first = new Map<string, string[]>();
+      /** The same bits as with one thread (the first count run). */
+      const same = (key: string, values: ArrayLike<number>) => {
+        if (!first.has(key)) first.set(key, bits(values));
+        expect(bits(values)).toEqual(first.get(key));
+      };
+      for (const [threads, simd] of [[1, false], [1, true], [2, true], [3, false], [3, true]] as const) {
+        const kernels = start({ threads, inlineBelow: 0, simd });
+        await kernels.ready;
+        expect(kernels.simd).toBe(simd);
+        for (const layout of layouts) {
+          const { n, c, s } = layout;
+          const x = kernels.allocate(n * c * s);
+          x.set(channelData(n, c, s, 10, 2, 1));
+          const dy = kernels.allocate(n * c * s);
+          dy.set(channelData(n, c, s, 0, 1, 2));
+          const weight = Float64Array.from({ length: c }, (_, ch) => 0.5 + ch / 4);
+          const bias = Float64Array.from({ length: c }, (_, ch) => ch - 1);
+          for (const eps of [1e-5, 0]) {
+            const p = { weight, bias, eps };
+            const fused = await kernels.fused.trainForward(x, layout, p);
+            const separate = await separateForward(kernels, x, layout, p);
+            expect(bits(fused.stats.mean)).toEqual(bits(separate.stats.mean));
+            expect(bits(fused.stats.m2)).toEqual(bits(separate.stats.m2));
+            expect(bits(fused.output)).toEqual(bits(separate.output));
+            same(`${JSON.stringify(layout)} ${eps} y`, fused.output);
+            same(`${JSON.stringify(layout)} ${eps} m2`, fused.stats.m2);
+          }
+          const stats = await kernels.stats(x, layout);
+          const invstd = stats.m2.map((m2) => 1 / Math.sqrt(m2 / (n * s) + 1e-5));
+          for (const batchStats of [true, false]) {
+            const p = { mean: stats.mean, invstd, weight, batchStats, count: n * s };
+            const fused = await kernels.fused.backward(x, dy, layout, p);
+            const separate = await separateBackward(kernels, x, dy, layout, p);
+            expect(bits(fused.sums.sumDy)).toEqual(bits(separate.sums.sumDy));
+            expect(bits(fused.sums.sumDyXmu)).toEqual(bits(separate.sums.sumDyXmu));
+            expect(bits(fused.gradInput)).toEqual(bits(separate.gradInput));
+            same(`${JSON.stringify(layout)} ${batchStats} gi`, fused.gradInput);
+          }
+        }
+      }
+    });
+
+    it('match the reference on a constant channel with eps 0 and on non-finite values', async () => {
+      const kernels = start({ threads: 2, inlineBelow: 0 });
+      const layout = { n: 2, c: 3, s: 2 };
+      // Channel 0 is constant (invstd 0 with eps 0), channel 1 holds a NaN, channel 2 an infinity.
+      const x = Float32Array.of(4, 4, 1, NaN, -Infinity, 1, 4, 4, 2, 3, 5, 6);
+      const p = { weight: Float64Array.of(1, 1, 1), bias: Float64Array.of(0.5, 0, 0), eps: 0 };
+      const fused = await kernels.fused.trainForward(x, layout, p);
+      const ref = referenceStats(x, layout);
+      expect(bits(fused.stats.mean)).toEqual(bits(ref.mean));
+      expect(Array.from(fused.output.subarray(0, 2))).toEqual([0.5, 0.5]);
+      expect(Array.from(fused.output.subarray(6, 8))).toEqual([0.5, 0.5]);
+      expect(Number.isNaN(fused.output[2]!)).toBe(true);
+      const separate = await separateForward(kernels, x, layout, p);
+      expect(bits(fused.output)).toEqual(bits(separate.output));
+    });
+
+    it('run beside separate passes and each other with every call in flight at once', async () => {
+      const kernels = start({ threads: 2, inlineBelow: 0 });
+      const layout = { n: 8, c: 4, s: 64 };
+      const length = layout.n * layout.c * layout.s;
+      const inputs = [1, 2, 3, 4, 5, 6].map((seed) => {
+        const x = kernels.allocate(length);
+        x.set(channelData(layout.n, layout.c, layout.s, seed, 1, seed));
+        return x;
+      });
+      const p = { weight: new Float64Array(4).fill(1), bias: new Float64Array(4), eps: 1e-5 };
+      const alone = [];
+      for (const x of inputs) alone.push(await kernels.fused.trainForward(x, layout, p));
+      const together = await Promise.all(inputs.flatMap((x) => [kernels.fused.trainForward(x, layout, p), kernels.stats(x, layout).then(() => separateForward(kernels, x, layout, p))]));
+      for (let i = 0; i < inputs.length; i++) {
+        expect(bits(together[2 * i]!.output)).toEqual(bits(alone[i]!.output));
+        expect(bits(together[2 * i + 1]!.output)).toEqual(bits(alone[i]!.output));
+      }
+    });
   });
 });

@@ -1,99 +1,147 @@
 /**
  * The native backend: hand-written typed-array loops (loops.ts) on every core. A tensor in shared
- * memory is split into as many ranges as there are cores; the calling thread takes one range and
- * worker threads the others, and their per-channel float64 sums are added here. Statistics take
- * one pass over x (sums shifted by each channel's first value), the forward output one more; the
- * backward likewise. Outputs go straight into shared memory that the wire encodes without a copy.
+ * memory is cut into chunks by its layout alone; the calling thread and worker threads take
+ * chunks from a shared counter, each chunk's per-channel float64 sums go into a row of their own,
+ * and the rows are added in order, so the bits do not depend on the threads. Statistics take one
+ * pass over x (sums shifted by each channel's first value), the forward output one more; the
+ * backward likewise. A fused forward or backward hands off once: the threads meet when every
+ * reduction chunk is done and go on to the element-wise pass without coming back here.
+ *
+ * Every pass returns once its chunks are done, the calling thread waiting (blocking, on Atomics)
+ * only for chunks that a worker has taken; a worker that has not woken up yet finds nothing left
+ * and costs nothing. Outputs go straight into shared memory.
  *
  * Small tensors stay on the calling thread: handing work to a thread costs tens of microseconds,
  * more than the loops need below `inlineBelow` elements.
  */
 import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
-import type { ChannelStats, GradInputParams, GradSums, Kernels, Layout, NormalizeParams } from '../kernels.js';
-import { gradInputUnits, gradSumsUnits, normalizeUnits, statsUnits } from './loops.js';
+import type { BackwardParams, ChannelStats, FusedKernels, GradInputParams, GradSums, Kernels, Layout, NormalizeParams, TrainForwardParams } from '../kernels.js';
+import {
+  addRows, backwardShare, chunkCount, chunkDone, chunkStart, DONE, DONE_2, failPass, gradInputChunks, gradInputRange, gradInputUnits, gradSumsChunks,
+  gradSumsRange, gradSumsUnits, normalizeChunks, normalizeRange, normalizeUnits, simdRange, statsChunks, statsRange, statsUnits, SYNC_SLOTS,
+  trainForwardShare, waitFor, type SimdLoops,
+} from './loops.js';
+import { instantiateSimd, simdModule } from './simd.js';
 
 export interface NativeOptions {
   /** Threads to use, the calling one included (default: the cores Node may use). */
   readonly threads?: number;
   /**
-   * Tensors with fewer elements run on the calling thread alone, and a tensor is split into at
-   * most one range per this many elements (default 65536).
+   * Tensors with fewer elements run on the calling thread alone, and a tensor is shared by at
+   * most one thread per this many elements (default 65536).
    */
   readonly inlineBelow?: number;
   /** Most bytes of released tensors kept for reuse (default 128 MiB). */
   readonly poolBytes?: number;
+  /** false keeps to the JavaScript loops (the SIMD loops give the same bits, faster). */
+  readonly simd?: boolean;
 }
 
-type Task =
-  | { op: 'stats'; x: Float32Array; c: number; s: number; u0: number; u1: number; k: Float64Array }
-  | { op: 'normalize'; x: Float32Array; y: Float32Array; c: number; s: number; u0: number; u1: number; p: NormalizeParams }
-  | { op: 'gradSums'; x: Float32Array; dy: Float32Array; c: number; s: number; u0: number; u1: number; mean: Float64Array }
-  | { op: 'gradInput'; x: Float32Array; dy: Float32Array; gi: Float32Array; c: number; s: number; u0: number; u1: number; p: GradInputParams };
+/** What every task of a pass shares: its chunks, their rows of sums, and the counters. */
+interface Shared {
+  units: number;
+  chunks: number;
+  partials: Float64Array;
+  sync: Int32Array;
+}
 
-/** Runs one task on this thread; WORKER_SOURCE's `run` is its twin in the workers. */
-function runTask(t: Task): Float64Array | null {
+type Task = Shared &
+  (
+    | { op: 'stats'; x: Float32Array; c: number; s: number; k: Float64Array }
+    | { op: 'normalize'; x: Float32Array; y: Float32Array; c: number; s: number; p: NormalizeParams }
+    | { op: 'gradSums'; x: Float32Array; dy: Float32Array; c: number; s: number; mean: Float64Array }
+    | { op: 'gradInput'; x: Float32Array; dy: Float32Array; gi: Float32Array; c: number; s: number; p: GradInputParams }
+    | { op: 'trainForward'; x: Float32Array; y: Float32Array; c: number; s: number; k: Float64Array; p: TrainForwardParams; count: number }
+    | { op: 'backward'; x: Float32Array; dy: Float32Array; gi: Float32Array; c: number; s: number; p: BackwardParams }
+  );
+
+/** Runs this thread's share of a task; WORKER_SOURCE's `run` is its twin in the workers. */
+function run(simd: SimdLoops | null, t: Task): Float64Array[] | Float64Array | null {
   switch (t.op) {
-    case 'stats': {
-      const acc = new Float64Array(2 * t.c);
-      statsUnits(t.x, t.c, t.s, t.u0, t.u1, t.k, acc);
-      return acc;
-    }
+    case 'stats':
+      statsChunks(simd, t.x, t.c, t.s, t.units, t.chunks, t.k, t.partials, t.sync);
+      return null;
     case 'normalize':
-      normalizeUnits(t.x, t.y, t.c, t.s, t.u0, t.u1, t.p.mean, t.p.scale, t.p.shift);
+      normalizeChunks(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.scale, t.p.shift, t.sync, 0);
       return null;
-    case 'gradSums': {
-      const acc = new Float64Array(2 * t.c);
-      gradSumsUnits(t.x, t.dy, t.c, t.s, t.u0, t.u1, t.mean, acc);
-      return acc;
-    }
+    case 'gradSums':
+      gradSumsChunks(simd, t.x, t.dy, t.c, t.s, t.units, t.chunks, t.mean, t.partials, t.sync);
+      return null;
     case 'gradInput':
-      gradInputUnits(t.x, t.dy, t.gi, t.c, t.s, t.u0, t.u1, t.p.mean, t.p.a, t.p.b, t.p.k);
+      gradInputChunks(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.a, t.p.b, t.p.k, t.sync, 0);
       return null;
+    case 'trainForward':
+      return trainForwardShare(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.k, t.p.weight, t.p.bias, t.p.eps, t.count, t.partials, t.sync);
+    case 'backward': {
+      const p = t.p;
+      return backwardShare(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, p.mean, p.invstd, p.weight, p.batchStats, p.count, t.partials, t.sync);
+    }
   }
 }
 
+/** The slot that counts a task's last chunks done. */
+const lastDone = (op: Task['op']) => (op === 'trainForward' || op === 'backward' ? DONE_2 : DONE);
+
 /**
- * The worker threads' program: the loops, as source, and a dispatcher like runTask that answers
- * tasks by id.
+ * The worker threads' program: the loops, as source, and `run`. A worker answers nothing on
+ * success (the calling thread counts chunks done); on failure it marks the pass failed. A
+ * `{ simd }` message hands it the compiled SIMD loops, which it instantiates for itself.
  */
 const WORKER_SOURCE = `'use strict';
-const { parentPort } = require('node:worker_threads');
-${statsUnits.toString()}
-${normalizeUnits.toString()}
-${gradSumsUnits.toString()}
-${gradInputUnits.toString()}
-function run(t) {
+${[statsUnits, normalizeUnits, gradSumsUnits, gradInputUnits, simdRange, statsRange, gradSumsRange, normalizeRange, gradInputRange,
+  chunkStart, waitFor, failPass, chunkDone, addRows, statsChunks, gradSumsChunks, normalizeChunks, gradInputChunks, trainForwardShare,
+  backwardShare].map((f) => f.toString()).join('\n')}
+let SIMD = null;
+function run(simd, t) {
   switch (t.op) {
-    case 'stats': { const acc = new Float64Array(2 * t.c); statsUnits(t.x, t.c, t.s, t.u0, t.u1, t.k, acc); return acc; }
-    case 'normalize': normalizeUnits(t.x, t.y, t.c, t.s, t.u0, t.u1, t.p.mean, t.p.scale, t.p.shift); return null;
-    case 'gradSums': { const acc = new Float64Array(2 * t.c); gradSumsUnits(t.x, t.dy, t.c, t.s, t.u0, t.u1, t.mean, acc); return acc; }
-    case 'gradInput': gradInputUnits(t.x, t.dy, t.gi, t.c, t.s, t.u0, t.u1, t.p.mean, t.p.a, t.p.b, t.p.k); return null;
+    case 'stats': return statsChunks(simd, t.x, t.c, t.s, t.units, t.chunks, t.k, t.partials, t.sync);
+    case 'normalize': return normalizeChunks(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.scale, t.p.shift, t.sync, 0);
+    case 'gradSums': return gradSumsChunks(simd, t.x, t.dy, t.c, t.s, t.units, t.chunks, t.mean, t.partials, t.sync);
+    case 'gradInput': return gradInputChunks(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.a, t.p.b, t.p.k, t.sync, 0);
+    case 'trainForward': return trainForwardShare(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.k, t.p.weight, t.p.bias, t.p.eps, t.count, t.partials, t.sync);
+    case 'backward': { const p = t.p; return backwardShare(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, p.mean, p.invstd, p.weight, p.batchStats, p.count, t.partials, t.sync); }
     default: throw new Error('unknown task ' + t.op);
   }
 }
-parentPort.on('message', ({ id, task }) => {
+require('node:worker_threads').parentPort.on('message', (task) => {
+  if (task.simd) {
+    const instance = new WebAssembly.Instance(task.simd, {});
+    SIMD = { exports: instance.exports, memory: instance.exports.memory };
+    return;
+  }
   try {
-    parentPort.postMessage({ id, acc: run(task) });
+    run(SIMD, task);
   } catch (err) {
-    parentPort.postMessage({ id, error: String((err && err.stack) || err) });
+    failPass(task.sync, task.chunks);
+    console.error('normserve native worker: ' + String((err && err.stack) || err));
   }
 });`;
 
-interface Pending {
-  resolve(acc: Float64Array | null): void;
-  reject(err: Error): void;
-}
-
 export class NativeKernels implements Kernels {
   readonly backend = 'native' as const;
-  readonly description: string;
+  /**
+   * Settles once the SIMD loops are in place on every thread (or known to be missing); until
+   * then the JavaScript loops run, with the same results.
+   */
+  readonly ready: Promise<void>;
+  /**
+   * Forward and backward with one hand-off each: the threads meet at a barrier between the
+   * reduction and the element-wise pass instead of coming back to this thread in between.
+   */
+  readonly fused: FusedKernels = {
+    trainForward: (x, layout, params) => this.#trainForward(x, layout, params),
+    backward: (x, dy, layout, params) => this.#backward(x, dy, layout, params),
+  };
   readonly #threads: number;
   readonly #inlineBelow: number;
   readonly #workers: Worker[] = [];
-  readonly #pending = new Map<number, Pending>();
-  #nextId = 0;
   #disposed = false;
+  /** This thread's SIMD loops, their module for the workers, or why there are none. */
+  #simd: SimdLoops | null = null;
+  #module: WebAssembly.Module | null = null;
+  #noSimd: string;
+  #rows = new Float64Array(new SharedArrayBuffer(0));
   /**
    * Released shared tensors by length, oldest first. Fresh memory costs a page fault per 4 KiB on
    * first touch, which for a 25 MB tensor is more than the kernels themselves.
@@ -108,7 +156,39 @@ export class NativeKernels implements Kernels {
     this.#inlineBelow = Math.max(0, options.inlineBelow ?? 65_536);
     this.#poolBytes = Math.max(0, options.poolBytes ?? 128 * 1024 * 1024);
     for (let i = 1; i < this.#threads; i++) this.#workers.push(this.#spawn());
-    this.description = `typed-array loops on ${this.#threads} thread${this.#threads === 1 ? '' : 's'} (float64 sums; tensors under ${this.#inlineBelow} elements on one)`;
+    if (options.simd === false) {
+      this.#noSimd = 'the JavaScript loops by choice';
+      this.ready = Promise.resolve();
+    } else {
+      this.#noSimd = 'the JavaScript loops until the SIMD loops are assembled';
+      this.ready = simdModule().then(
+        (module) => {
+          if (module === null) this.#noSimd = 'the JavaScript loops (this engine has no WebAssembly SIMD)';
+          else this.#useSimd(module);
+        },
+        (err: Error) => {
+          this.#noSimd = `the JavaScript loops (the SIMD loops failed to assemble: ${err.message})`;
+        },
+      );
+    }
+  }
+
+  /** A line for logs: the loops, threads and the inline threshold. */
+  get description(): string {
+    const loops = this.#simd ? 'WebAssembly SIMD (f64x2) loops' : this.#noSimd;
+    return `${loops} on ${this.#threads} thread${this.#threads === 1 ? '' : 's'} (float64 sums; tensors under ${this.#inlineBelow} elements on one)`;
+  }
+
+  /** Whether the SIMD loops run on this thread now. */
+  get simd(): boolean {
+    return this.#simd !== null;
+  }
+
+  #useSimd(module: WebAssembly.Module): void {
+    if (this.#disposed) return;
+    this.#module = module;
+    for (const worker of this.#workers) worker.postMessage({ simd: module });
+    this.#simd = instantiateSimd(module);
   }
 
   /** Shared memory for tensors the workers will read, plain memory for the ones they will not. */
@@ -156,14 +236,9 @@ export class NativeKernels implements Kernels {
   async stats(x: Float32Array, layout: Layout): Promise<ChannelStats> {
     const { n, c, s } = layout;
     const count = n * s;
-    // Shift each channel by its first value; a non-finite one would turn every difference into NaN.
-    const k = new Float64Array(c);
-    for (let ch = 0; ch < c; ch++) {
-      const v = x[ch * s]!;
-      k[ch] = Number.isFinite(v) ? v : 0;
-    }
+    const k = shifts(x, layout);
     const xs = this.#shared(x);
-    const acc = await this.#reduce(layout, x.length, (u0, u1) => ({ op: 'stats', x: xs, c, s, u0, u1, k }));
+    const acc = this.#run(layout, x.length, (shared) => ({ op: 'stats', x: xs, c, s, k, ...shared })).sums();
     const mean = new Float64Array(c);
     const m2 = new Float64Array(c);
     for (let ch = 0; ch < c; ch++) {
@@ -178,7 +253,7 @@ export class NativeKernels implements Kernels {
   async normalize(x: Float32Array, layout: Layout, p: NormalizeParams): Promise<Float32Array> {
     const y = this.allocate(x.length);
     const xs = this.#shared(x);
-    await this.#each(layout, x.length, (u0, u1) => ({ op: 'normalize', x: xs, y, c: layout.c, s: layout.s, u0, u1, p }));
+    this.#run(layout, x.length, (shared) => ({ op: 'normalize', x: xs, y, c: layout.c, s: layout.s, p, ...shared }));
     return y;
   }
 
@@ -186,7 +261,7 @@ export class NativeKernels implements Kernels {
     const c = layout.c;
     const xs = this.#shared(x);
     const dys = this.#shared(dy);
-    const acc = await this.#reduce(layout, x.length, (u0, u1) => ({ op: 'gradSums', x: xs, dy: dys, c, s: layout.s, u0, u1, mean }));
+    const acc = this.#run(layout, x.length, (shared) => ({ op: 'gradSums', x: xs, dy: dys, c, s: layout.s, mean, ...shared })).sums();
     return { sumDy: acc.slice(0, c), sumDyXmu: acc.slice(c) };
   }
 
@@ -194,15 +269,32 @@ export class NativeKernels implements Kernels {
     const gi = this.allocate(x.length);
     const xs = this.#shared(x);
     const dys = this.#shared(dy);
-    await this.#each(layout, x.length, (u0, u1) => ({ op: 'gradInput', x: xs, dy: dys, gi, c: layout.c, s: layout.s, u0, u1, p }));
+    this.#run(layout, x.length, (shared) => ({ op: 'gradInput', x: xs, dy: dys, gi, c: layout.c, s: layout.s, p, ...shared }));
     return gi;
+  }
+
+  async #trainForward(x: Float32Array, layout: Layout, p: TrainForwardParams): Promise<{ stats: ChannelStats; output: Float32Array }> {
+    const { n, c, s } = layout;
+    const k = shifts(x, layout);
+    const y = this.allocate(x.length);
+    const xs = this.#shared(x);
+    const [mean, m2] = this.#run(layout, x.length, (shared) => ({ op: 'trainForward', x: xs, y, c, s, k, p, count: n * s, ...shared })).own as Float64Array[];
+    return { stats: { mean: mean!, m2: m2! }, output: y };
+  }
+
+  async #backward(x: Float32Array, dy: Float32Array, layout: Layout, p: BackwardParams): Promise<{ sums: GradSums; gradInput: Float32Array }> {
+    const c = layout.c;
+    const gi = this.allocate(x.length);
+    const xs = this.#shared(x);
+    const dys = this.#shared(dy);
+    const total = this.#run(layout, x.length, (shared) => ({ op: 'backward', x: xs, dy: dys, gi, c, s: layout.s, p, ...shared })).own as Float64Array;
+    return { sums: { sumDy: total.slice(0, c), sumDyXmu: total.slice(c) }, gradInput: gi };
   }
 
   async dispose(): Promise<void> {
     this.#disposed = true;
     this.#free.clear();
     this.#freeBytes = 0;
-    this.#failAll(new Error('the native backend was disposed'));
     await Promise.all(this.#workers.splice(0).map((w) => w.terminate()));
   }
 
@@ -218,72 +310,64 @@ export class NativeKernels implements Kernels {
     return copy;
   }
 
-  /** The task over every unit, split between threads; the per-channel sums added up. */
-  async #reduce(layout: Layout, length: number, task: (u0: number, u1: number) => Task): Promise<Float64Array> {
-    const parts = await this.#split(layout, length, task);
-    const total = parts[0]!;
-    for (let p = 1; p < parts.length; p++) {
-      const acc = parts[p]!;
-      for (let i = 0; i < total.length; i++) total[i] = total[i]! + acc[i]!;
-    }
-    return total;
-  }
-
-  async #each(layout: Layout, length: number, task: (u0: number, u1: number) => Task): Promise<void> {
-    await this.#split(layout, length, task);
-  }
-
-  async #split(layout: Layout, length: number, task: (u0: number, u1: number) => Task): Promise<Float64Array[]> {
+  /**
+   * One pass over every chunk: the task goes to as many workers as the tensor is worth, this
+   * thread runs it too, then waits until every chunk is done. Returns this thread's own result,
+   * and for the reductions the chunks' sums added in order.
+   */
+  #run(layout: Layout, length: number, task: (shared: Shared) => Task): { own: Float64Array[] | Float64Array | null; sums: () => Float64Array } {
     if (this.#disposed) throw new Error('the native backend was disposed');
     const units = layout.s === 1 ? layout.n : layout.n * layout.c;
+    const chunks = chunkCount(units, length);
     // At least `inlineBelow` elements per thread: on many cores a mid-sized tensor split into
     // slivers costs more in hand-offs than it saves (16 threads made (8,256,14,14) slower than 2).
     const worth = Math.floor(length / Math.max(1, this.#inlineBelow));
-    const parts = this.#parallel(length) ? Math.max(1, Math.min(this.#threads, units, worth)) : 1;
-    const bound = (p: number) => Math.round((units * p) / parts);
-    // Workers first, so that they run while this thread does its own range.
-    const others = [];
-    for (let p = 1; p < parts; p++) others.push(this.#post(this.#workers[p - 1]!, task(bound(p), bound(p + 1))));
-    const own = runTask(task(0, bound(1)));
-    const results = await Promise.all(others);
-    return [own, ...results].filter((r): r is Float64Array => r !== null);
+    const parts = this.#parallel(length) ? Math.max(1, Math.min(this.#threads, chunks, worth)) : 1;
+    const width = 2 * layout.c;
+    const shared: Shared = { units, chunks, partials: this.#partials(chunks * width), sync: new Int32Array(parts > 1 ? new SharedArrayBuffer(SYNC_SLOTS * 4) : new ArrayBuffer(SYNC_SLOTS * 4)) };
+    const t = task(shared);
+    for (let p = 1; p < parts; p++) this.#workers[p - 1]!.postMessage(t);
+    let own: Float64Array[] | Float64Array | null;
+    try {
+      own = run(this.#simd, t);
+      waitFor(shared.sync, lastDone(t.op), chunks);
+    } catch (err) {
+      failPass(shared.sync, chunks);
+      throw err;
+    }
+    return { own, sums: () => addRows(shared.partials, width, chunks) };
   }
 
-  #post(worker: Worker, task: Task): Promise<Float64Array | null> {
-    const id = this.#nextId++;
-    return new Promise((resolve, reject) => {
-      if (this.#pending.size === 0) for (const w of this.#workers) w.ref();
-      this.#pending.set(id, { resolve, reject });
-      worker.postMessage({ id, task });
-    });
-  }
-
-  #settle(id: number): Pending | undefined {
-    const pending = this.#pending.get(id);
-    this.#pending.delete(id);
-    // Idle workers must not keep the process alive.
-    if (this.#pending.size === 0) for (const w of this.#workers) w.unref();
-    return pending;
+  /**
+   * Room for a pass's rows of sums, reused by every pass. A pass returns only once all its chunks
+   * are done, and a worker still on an earlier pass finds its chunks taken, so no two passes ever
+   * write rows at once. (Each pass's counters are its own.)
+   */
+  #partials(length: number): Float64Array {
+    if (this.#rows.length < length) this.#rows = new Float64Array(new SharedArrayBuffer(Math.max(length, 2 * this.#rows.length) * 8));
+    return this.#rows;
   }
 
   #spawn(): Worker {
     const worker = new Worker(WORKER_SOURCE, { eval: true, name: 'normserve-native' });
     worker.unref();
-    worker.on('message', (m: { id: number; acc?: Float64Array | null; error?: string }) => {
-      const pending = this.#settle(m.id);
-      if (m.error !== undefined) pending?.reject(new Error(`native worker failed: ${m.error}`));
-      else pending?.resolve(m.acc ?? null);
-    });
-    worker.on('error', (err) => {
-      // A dead worker fails the calls in flight; a new one takes its place for later calls.
-      this.#failAll(new Error(`native worker died: ${err.message}`));
+    if (this.#module) worker.postMessage({ simd: this.#module });
+    worker.on('error', () => {
+      // A pass waiting on a chunk the dead worker held fails by its timeout; a new worker takes
+      // its place for later passes.
       const at = this.#workers.indexOf(worker);
       if (at >= 0 && !this.#disposed) this.#workers[at] = this.#spawn();
     });
     return worker;
   }
+}
 
-  #failAll(err: Error): void {
-    for (const id of [...this.#pending.keys()]) this.#settle(id)?.reject(err);
+/** Each channel's first value, the shift of its sums (a non-finite one would make every difference NaN). */
+function shifts(x: Float32Array, { c, s }: Layout): Float64Array {
+  const k = new Float64Array(c);
+  for (let ch = 0; ch < c; ch++) {
+    const v = x[ch * s]!;
+    k[ch] = Number.isFinite(v) ? v : 0;
   }
+  return k;
 }

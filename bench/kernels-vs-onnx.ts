@@ -1,0 +1,147 @@
+/**
+ * The native backend's training forward and backward against onnxruntime's, side by side: each
+ * round runs one of each on the same input, in alternating order, so that both see the same
+ * machine; medians and their ratio per shape. (bench/peers.ts times every backend, one after
+ * another; this is the figure issue 15's kernel goal is held to.)
+ *
+ *   node dist/bench/kernels-vs-onnx.js [--rounds 300] [--shapes 8x256x14x14,256x1024]
+ *
+ * Both get the same work: normserve's through the module semantics (batch-norm.ts, float64 sums,
+ * the fused native passes), onnxruntime's as the graphs of bench/onnx-model.ts on its CPU EP
+ * with one intra-op thread per core. onnxruntime's numbers are checked in bench/peers.ts.
+ */
+import { writeFileSync, mkdirSync } from 'node:fs';
+import { availableParallelism, cpus } from 'node:os';
+import { parseArgs } from 'node:util';
+import * as ort from 'onnxruntime-node';
+import { NativeKernels } from '../src/kernels/native/native-kernels.js';
+import { backward, BatchNorm } from '../src/nn/batch-norm.js';
+import { resolveConfig } from '../src/nn/config.js';
+import { fill } from './fill.js';
+import { batchNormBackwardModel, batchNormForwardModel, channelShape } from './onnx-model.js';
+
+const { values: args } = parseArgs({ options: { rounds: { type: 'string', default: '300' }, shapes: { type: 'string', default: '8x256x14x14,256x1024' } }, strict: true });
+const ROUNDS = Number(args.rounds);
+/**
+ * Calls in a row of one runner. onnxruntime's intra-op threads spin for a while after each run
+ * and would take the cores from the next native call (1.8 ms instead of 0.8 on a backward when
+ * calls alternate one by one), so the runners alternate in blocks, and the first SETTLE calls of
+ * each block are not counted.
+ */
+const BLOCK = 20;
+const SETTLE = 3;
+const SHAPES = args.shapes!.split(',').map((s) => s.split('x').map(Number));
+const log = (text: string) => process.stderr.write(`${text}\n`);
+const median = (values: readonly number[]) => [...values].sort((a, b) => a - b)[values.length >> 1]!;
+const elements = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
+
+interface Row {
+  shape: string;
+  work: 'forward-train' | 'backward';
+  native_ms: number;
+  /** onnxruntime without spinning threads, in blocks alternating with native. */
+  onnxruntime_ms: number;
+  /** onnxruntime as it comes (spinning intra-op threads), timed alone after the others. */
+  onnxruntime_spinning_ms: number;
+  /** native ÷ the faster of the two onnxruntime figures. */
+  ratio: number;
+  rounds: number;
+}
+
+const kernels = new NativeKernels();
+await kernels.ready;
+/**
+ * onnxruntime's intra-op threads spin between runs while a session lives (allow_spinning, on by
+ * default), which takes a core from anything else in the process: alternated with it, the native
+ * backward of (8,256,14,14) took 1.3 ms instead of 0.75 ms, with 250 ms pauses as with none. So
+ * the side-by-side blocks run onnxruntime with spinning off, and onnxruntime as it comes is timed
+ * on its own afterwards; the ratio is taken against the faster of the two.
+ */
+const options = (spinning: boolean): ort.InferenceSession.SessionOptions => ({
+  executionProviders: ['cpu'],
+  intraOpNumThreads: availableParallelism(),
+  graphOptimizationLevel: 'all',
+  ...(!spinning && { extra: { session: { intra_op: { allow_spinning: '0' } } } }),
+});
+const rows: Row[] = [];
+for (const shape of SHAPES) {
+  const label = `(${shape.join(',')})`;
+  const n = elements(shape);
+  const c = shape[1]!;
+  const x = fill(kernels.allocate(n), 12345, 3, 2);
+  const dy = fill(kernels.allocate(n), 777, 0, 1);
+  const module = new BatchNorm(resolveConfig({ kind: shape.length === 2 ? 'BATCH_NORM_1D' : 'BATCH_NORM_2D', numFeatures: BigInt(c), cumulativeAverage: false }));
+  module.update({ training: true });
+  // As the server does: the decoded input itself is what the saved forward keeps (no copy).
+  const forward = await module.forward(x, shape, kernels, true, true);
+  const saved = forward.saved!;
+  const ones = new Float32Array(c).fill(1);
+  const zeros = new Float32Array(c);
+  // onnxruntime-node takes plain memory only: its inputs are copies of the same values.
+  const tensor = (data: Float32Array, dims: readonly number[]) => new ort.Tensor('float32', Float32Array.from(data), dims);
+  const ch = channelShape(shape);
+  const models = {
+    'forward-train': {
+      model: batchNormForwardModel(shape, { training: true, momentum: 0.9, epsilon: 1e-5 }),
+      feeds: { X: tensor(x, shape), scale: tensor(ones, [c]), B: tensor(zeros, [c]), input_mean: tensor(zeros, [c]), input_var: tensor(ones, [c]) },
+      native: async () => kernels.release((await module.forward(x, shape, kernels)).output),
+    },
+    backward: {
+      model: batchNormBackwardModel(shape),
+      feeds: { X: tensor(x, shape), dY: tensor(dy, shape), mean: tensor(Float32Array.from(saved.mean), ch), invstd: tensor(Float32Array.from(saved.invstd), ch), weight: tensor(ones, ch) },
+      native: async () => kernels.release((await backward(saved, dy, shape, kernels)).gradInput),
+    },
+  } as const;
+  for (const work of ['forward-train', 'backward'] as const) {
+    const { model, feeds, native } = models[work];
+    const quiet = await ort.InferenceSession.create(model, options(false));
+    const runners = { native, onnxruntime: () => quiet.run(feeds) };
+    for (let i = 0; i < 20; i++) {
+      await runners.native();
+      await runners.onnxruntime();
+    }
+    const times = { native: [] as number[], onnxruntime: [] as number[] };
+    for (let round = 0; round < ROUNDS / BLOCK; round++) {
+      const order = round % 2 === 0 ? (['native', 'onnxruntime'] as const) : (['onnxruntime', 'native'] as const);
+      for (const who of order) {
+        for (let i = 0; i < BLOCK + SETTLE; i++) {
+          const t0 = performance.now();
+          await runners[who]();
+          if (i >= SETTLE) times[who].push(performance.now() - t0);
+        }
+      }
+    }
+    await quiet.release();
+    const spinning = await ort.InferenceSession.create(model, options(true));
+    const alone: number[] = [];
+    for (let i = 0; i < ROUNDS + 20; i++) {
+      const t0 = performance.now();
+      await spinning.run(feeds);
+      if (i >= 20) alone.push(performance.now() - t0);
+    }
+    await spinning.release();
+    const row: Row = {
+      shape: label,
+      work,
+      native_ms: median(times.native),
+      onnxruntime_ms: median(times.onnxruntime),
+      onnxruntime_spinning_ms: median(alone),
+      ratio: 0,
+      rounds: ROUNDS,
+    };
+    row.ratio = row.native_ms / Math.min(row.onnxruntime_ms, row.onnxruntime_spinning_ms);
+    rows.push(row);
+    log(`  ${label} ${work}: native ${row.native_ms.toFixed(3)} ms, onnxruntime ${row.onnxruntime_ms.toFixed(3)} ms (spinning, alone: ${row.onnxruntime_spinning_ms.toFixed(3)}), ÷ ${row.ratio.toFixed(2)}`);
+  }
+}
+await kernels.dispose();
+
+const header = `native (${kernels.description}) vs onnxruntime-node ${ort.env.versions.node ?? ''} (CPU EP, ${availableParallelism()} intra-op threads), ${ROUNDS} calls each in alternating blocks of ${BLOCK}, ${cpus()[0]?.model ?? 'unknown CPU'}`;
+console.log(`\n## Kernels side by side: ${header}\n`);
+console.log('| shape | work | native ms | onnxruntime ms (no spinning, alternated) | onnxruntime ms (spinning, alone) | native ÷ faster onnxruntime |');
+console.log('|-------|------|-----------|------------------------------------------|----------------------------------|-----------------------------|');
+for (const r of rows) {
+  console.log(`| ${r.shape} | ${r.work} | ${r.native_ms.toFixed(3)} | ${r.onnxruntime_ms.toFixed(3)} | ${r.onnxruntime_spinning_ms.toFixed(3)} | ${r.ratio.toFixed(2)} |`);
+}
+mkdirSync('bench-results', { recursive: true });
+writeFileSync('bench-results/kernels-vs-onnx.json', `${JSON.stringify({ header, rows }, null, 2)}\n`);
