@@ -11,6 +11,7 @@ import { savedBytesFor, type ContextStore } from '../registry/context-store.js';
 import type { ModuleRegistry, Page } from '../registry/module-registry.js';
 import { configFromWire, loadInputFromWire, moduleToWire, stateToWire, updateFromWire } from '../wire/convert.js';
 import { batchNormService } from '../wire/proto.js';
+import { withAnswerSerializers } from '../wire/tensor-answer.js';
 import { encodeTensor } from '../wire/tensor-codec.js';
 import type { LoadInput } from '../nn/state-dict.js';
 import type { Coordinator } from '../sync/coordinator.js';
@@ -174,5 +175,5 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
     ListRegions: unary('list', (_req, _signal, principal) => ({ regions: deps.regions.list(principal.id).map(regionToWire), shm_dir: deps.regions.dir })),
     BackwardStream: streamTensorHandler(deps, 'write', backwardOp),
   };
-  server.addService(batchNormService, handlers as unknown as UntypedServiceImplementation);
+  server.addService(withAnswerSerializers(batchNormService, { Forward: 'output', Backward: 'grad_input' }), handlers as unknown as UntypedServiceImplementation);
 }

@@ -13,16 +13,20 @@ import type { Logger } from 'pino';
 import type { Metrics } from './metrics.js';
 import { moduleNameOf } from './unary.js';
 import { statusName } from '../errors.js';
+import { answerBytes } from '../wire/tensor-answer.js';
 
 export const REQUEST_ID = 'x-request-id';
 const USABLE_ID = /^[A-Za-z0-9._:-]{1,128}$/;
 
 
-/** Bytes of tensor data in a message: the `bytes` fields, found a few levels deep. */
+/**
+ * Bytes of tensor data in a message: the `bytes` fields, found a few levels deep, and a tensor
+ * attached for its serialiser (wire/tensor-answer.ts).
+ */
 export function payloadBytes(message: unknown, depth = 0): number {
   if (message === null || typeof message !== 'object' || depth > 3) return 0;
   if (message instanceof Uint8Array) return message.byteLength;
-  let total = 0;
+  let total = answerBytes(message);
   for (const value of Object.values(message)) {
     if (value instanceof Uint8Array) total += value.byteLength;
     else if (typeof value === 'object' && value !== null) total += payloadBytes(value, depth + 1);

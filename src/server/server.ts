@@ -18,6 +18,7 @@ import { Persistence } from '../store/persistence.js';
 import { SqliteStore } from '../store/sqlite-store.js';
 import type { Store, Stored } from '../store/store.js';
 import { packageDefinition } from '../wire/proto.js';
+import { answerBufferBytes } from '../wire/tensor-answer.js';
 import { bnError } from '../errors.js';
 import { Coordinator } from '../sync/coordinator.js';
 import { addBatchNormService } from './batch-norm-service.js';
@@ -118,7 +119,7 @@ export async function startServer(
     pending: () => coordinator.pending(),
     contexts: () => ({ count: contexts.size, bytes: contexts.bytes }),
     streamBytes: () => streams.used,
-    pooledBytes: () => (deps.kernels.pooledBytes ?? 0) + plain.bytes,
+    pooledBytes: () => (deps.kernels.pooledBytes ?? 0) + plain.bytes + answerBufferBytes(),
     regions: () => regions.size,
   });
   const kernels = metrics.timed(deps.kernels);

@@ -17,6 +17,7 @@ import type { ModuleRegistry } from '../registry/module-registry.js';
 import type { Coordinator } from '../sync/coordinator.js';
 import { moduleToWire, syncRuleFromWire } from '../wire/convert.js';
 import { syncBatchNormService } from '../wire/proto.js';
+import { withAnswerSerializers } from '../wire/tensor-answer.js';
 import { encodeTensor } from '../wire/tensor-codec.js';
 import type { SyncBackwardRequest__Output } from '../generated/normserve/v1/SyncBackwardRequest.js';
 import type { SyncBackwardResponse } from '../generated/normserve/v1/SyncBackwardResponse.js';
@@ -236,5 +237,5 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
       }),
     ),
   };
-  server.addService(syncBatchNormService, handlers as unknown as UntypedServiceImplementation);
+  server.addService(withAnswerSerializers(syncBatchNormService, { SyncForward: 'output', SyncBackward: 'grad_input' }), handlers as unknown as UntypedServiceImplementation);
 }

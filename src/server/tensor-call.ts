@@ -10,14 +10,16 @@
  * - through shared memory: a unary call whose request names registered regions for the tensor
  *   and the answer (shared-memory.ts).
  *
- * Answers that live in shared memory leave through pooled plain buffers: V8 copies out of shared
- * memory byte by byte when the target's alignment differs, and protobufjs's copy into a message
- * would be such a copy.
+ * A unary answer is written into its message by the method's serialiser (wire/tensor-answer.ts),
+ * one aligned copy out of the backend's memory. Streamed answers that live in shared memory leave
+ * through pooled plain buffers: V8 copies out of shared memory byte by byte when the target's
+ * alignment differs, and protobufjs's copy into a message would be such a copy.
  */
 import type { ServerDuplexStream } from '@grpc/grpc-js';
 import { bnError } from '../errors.js';
 import type { Tensor, Tensor__Output } from '../generated/normserve/v1/Tensor.js';
-import { copyBytes, decodeTensor, decodeTensorHeader, encodeTensor, type DecodedTensor, type TensorHeader } from '../wire/tensor-codec.js';
+import { withAnswerTensor } from '../wire/tensor-answer.js';
+import { copyBytes, decodeTensor, decodeTensorHeader, type DecodedTensor, type TensorHeader } from '../wire/tensor-codec.js';
 import type { Ref, RegionRegistry } from './shared-memory.js';
 import { toServiceError } from './status.js';
 import { admit, authorize, moduleNameOf, type Admission, type CallContext, type Handler, type Requirement, type Scratch } from './unary.js';
@@ -188,9 +190,9 @@ export function unaryTensorHandler<Req, Res>(ctx: TensorCallContext, op: TensorO
     }
     const answer = await op.run(req, tensor, signal, scratch);
     if (!outRef) {
-      const plain = ctx.plain.take(answer.tensor);
-      if (plain !== answer.tensor) scratch.push(plain);
-      return { ...answer.head, [op.outputField]: encodeTensor(answer.shape, plain) } as Res;
+      // The method's serialiser writes the tensor field (wire/tensor-answer.ts), straight from the
+      // backend's memory, before `scratch` goes back to it.
+      return withAnswerTensor({ ...answer.head, [op.outputField]: null } as Res & object, { shape: answer.shape, data: answer.tensor });
     }
     const out = answer.tensor;
     await ctx.regions.write(principal.id, outRef, new Uint8Array(out.buffer, out.byteOffset, out.byteLength), outRegionField);
