@@ -78,14 +78,23 @@ export interface FusedKernels {
    * A training forward: the batch statistics, then y = (x − mean) · invstd · weight + bias with
    * invstd = 1 / sqrt(m2 / count + eps), or 0 where m2 and eps are both 0. Requires n * s > 1.
    */
-  trainForward(x: Float32Array, layout: Layout, params: TrainForwardParams): Promise<{ stats: ChannelStats; output: Float32Array }>;
+  trainForward(x: Float32Array, layout: Layout, params: TrainForwardParams, out?: Float32Array): Promise<{ stats: ChannelStats; output: Float32Array }>;
   /**
    * A backward whose statistics were this shard's own (not a SyncBatchNorm group's): the sums of
    * `gradSums`, then grad_input = w·invstd·(dy − S1/n − (x − mean)·invstd²·S2/n) with batch
    * statistics, or dy·w·invstd without.
    */
-  backward(x: Float32Array, dy: Float32Array, layout: Layout, params: BackwardParams): Promise<{ sums: GradSums; gradInput: Float32Array }>;
+  backward(x: Float32Array, dy: Float32Array, layout: Layout, params: BackwardParams, out?: Float32Array): Promise<{ sums: GradSums; gradInput: Float32Array }>;
 }
+
+/*
+ * OUTPUT_INTO: the passes that write a tensor (normalize, gradInput and the fused forward and
+ * backward) take an optional `out`, an array of the input's length that the caller will not read
+ * again (x for a forward nothing saves, dy for a backward), which the answer may be written into
+ * instead of a new array: element i of the answer depends on element i of the inputs alone, and
+ * each backend reads it before writing it. A backend may ignore `out`; the answer is always the
+ * array returned.
+ */
 
 export interface Kernels {
   readonly backend: BackendName;
@@ -93,12 +102,14 @@ export interface Kernels {
   readonly description: string;
   /** Batch statistics of each channel. Requires n * s > 0. */
   stats(x: Float32Array, layout: Layout): Promise<ChannelStats>;
-  /** The normalised tensor, in a new array of x's length. */
-  normalize(x: Float32Array, layout: Layout, params: NormalizeParams): Promise<Float32Array>;
+  /**
+   * The normalised tensor, in a new array of x's length or in `out` (see OUTPUT_INTO below).
+   */
+  normalize(x: Float32Array, layout: Layout, params: NormalizeParams, out?: Float32Array): Promise<Float32Array>;
   /** Backward's per-channel reductions of dy (same layout as x). */
   gradSums(x: Float32Array, dy: Float32Array, layout: Layout, mean: Float64Array): Promise<GradSums>;
-  /** The input gradient, in a new array of x's length. */
-  gradInput(x: Float32Array, dy: Float32Array, layout: Layout, params: GradInputParams): Promise<Float32Array>;
+  /** The input gradient, in a new array of x's length or in `out` (see OUTPUT_INTO below). */
+  gradInput(x: Float32Array, dy: Float32Array, layout: Layout, params: GradInputParams, out?: Float32Array): Promise<Float32Array>;
   /** Fused passes, where the backend has them. */
   readonly fused?: FusedKernels;
   /**

@@ -390,8 +390,13 @@ export class BatchNorm {
     let stats: { mean: Float64Array; invstd: Float64Array; runningMean: Float32Array | null; runningVar: Float32Array | null };
     const count = layout.n * layout.s;
     let y: Float32Array;
+    // Nothing reads x after the kernels when the caller owns it and nothing saves it: y may take
+    // its place (one tensor less per call), unless a non-finite scale needs x afterwards.
+    const disposable = owned && !save;
     if (plan.bnTraining && kernels.fused) {
-      const fused = await kernels.fused.trainForward(x, layout, { weight: this.#affine('weight', layout.c), bias: this.#affine('bias', layout.c), eps: this.#eps });
+      const weight = this.#affine('weight', layout.c);
+      const into = disposable && finiteScaleBound(weight, this.#eps) ? x : undefined;
+      const fused = await kernels.fused.trainForward(x, layout, { weight, bias: this.#affine('bias', layout.c), eps: this.#eps }, into);
       stats = this.#fromBatch(fused.stats.mean, fused.stats.m2, count, plan);
       y = fused.output;
       applyNonFiniteScale(x, y, layout, stats.mean, this.#scale(stats.invstd), this.#affine('bias', layout.c));
@@ -402,7 +407,7 @@ export class BatchNorm {
       } else {
         stats = { mean: Float64Array.from(plan.runningMean!), invstd: this.runningInvstd(plan.runningVar!), runningMean: null, runningVar: null };
       }
-      y = await this.normalize(x, layout, stats.mean, stats.invstd, kernels);
+      y = await this.normalize(x, layout, stats.mean, stats.invstd, kernels, disposable);
     }
     const saved = save ? this.#saved(shape, owned ? x : x.slice(), stats.mean, stats.invstd, count, plan.bnTraining) : null;
     // 9. Commit.
@@ -440,11 +445,15 @@ export class BatchNorm {
     return Float64Array.from(variance, (v) => 1 / Math.sqrt(v + eps));
   }
 
-  /** y = (x − mean) · invstd · w + b, with the weight and bias as they are now. */
-  async normalize(x: Float32Array, layout: Layout, mean: Float64Array, invstd: Float64Array, kernels: Kernels): Promise<Float32Array> {
+  /**
+   * y = (x − mean) · invstd · w + b, with the weight and bias as they are now; into x itself
+   * where `disposable` says nothing reads x afterwards and every scale is finite in float32.
+   */
+  async normalize(x: Float32Array, layout: Layout, mean: Float64Array, invstd: Float64Array, kernels: Kernels, disposable = false): Promise<Float32Array> {
     const scale = this.#scale(invstd);
     const shift = this.#affine('bias', layout.c);
-    const y = await kernels.normalize(x, layout, { mean, scale, shift });
+    const into = disposable && scale.every((v) => Number.isFinite(Math.fround(v))) ? x : undefined;
+    const y = await kernels.normalize(x, layout, { mean, scale, shift }, into);
     applyNonFiniteScale(x, y, layout, mean, scale, shift);
     return y;
   }
@@ -517,6 +526,16 @@ function applyNonFiniteScale(
   }
 }
 
+/**
+ * Whether every scale of a training forward, invstd · weight with invstd ≤ 1/sqrt(eps), is finite
+ * in float32 (applyNonFiniteScale then needs nothing of x).
+ */
+function finiteScaleBound(weight: Float64Array, eps: number): boolean {
+  if (!(eps > 0)) return false;
+  const most = 1 / Math.sqrt(eps);
+  return weight.every((w) => Number.isFinite(Math.fround(Math.abs(w) * most)));
+}
+
 /** autograd's check that grad_output has the output's shape. */
 export function checkGradShape(saved: SavedForward, dyShape: readonly number[]): void {
   if (dyShape.length !== saved.shape.length || dyShape.some((d, i) => d !== saved.shape[i])) {
@@ -538,15 +557,17 @@ export async function localGradSums(saved: SavedForward, dy: Float32Array, kerne
  * with running statistics it does not: grad_input = dy · w · invstd. In both,
  * grad_weight = S2 · invstd and grad_bias = S1, where S1 = Σ dy and S2 = Σ dy · (x − μ).
  * `sums.group` replaces S1, S2 and n with a group's totals (SyncBatchNorm); `sums.local` passes
- * this shard's sums when they are known already.
+ * this shard's sums when they are known already; `sums.dyDisposable` lets grad_input overwrite dy.
  */
 export async function backward(
   saved: SavedForward,
   dy: Float32Array,
   dyShape: readonly number[],
   kernels: Kernels,
-  sums: { local?: GradSums; group?: GradSums & { count: number } } = {},
+  sums: { local?: GradSums; group?: GradSums & { count: number }; dyDisposable?: boolean } = {},
 ): Promise<Gradients & { local: GradSums }> {
+  // grad_input may take dy's place when the caller will not read dy again (OUTPUT_INTO).
+  const into = sums.dyDisposable ? dy : undefined;
   checkGradShape(saved, dyShape);
   const layout = layoutOf(saved.shape);
   const channels = layout.c;
@@ -565,7 +586,7 @@ export async function backward(
   }
   if (kernels.fused && !sums.local && !sums.group) {
     const weight = w ? Float64Array.from(w) : new Float64Array(channels).fill(1);
-    const fused = await kernels.fused.backward(saved.x, dy, layout, { mean: saved.mean, invstd: saved.invstd, weight, batchStats: saved.batchStats, count: saved.count });
+    const fused = await kernels.fused.backward(saved.x, dy, layout, { mean: saved.mean, invstd: saved.invstd, weight, batchStats: saved.batchStats, count: saved.count }, into);
     return answer(fused.gradInput, fused.sums);
   }
   const local = sums.local ?? (await localGradSums(saved, dy, kernels));
@@ -584,5 +605,5 @@ export async function backward(
       k[ch] = (-a[ch]! * s1[ch]!) / n;
     }
   }
-  return answer(await kernels.gradInput(saved.x, dy, layout, { mean: saved.mean, a, b, k }), local);
+  return answer(await kernels.gradInput(saved.x, dy, layout, { mean: saved.mean, a, b, k }, into), local);
 }

@@ -100,7 +100,8 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
     },
     async run(req, dy, _signal, scratch) {
       const { saved } = contexts.get(req.context_id, req.name);
-      const grads = await backward(saved, dy.data, dy.shape, kernels);
+      // dy is this call's own decoded copy, read by nothing after: grad_input may overwrite it.
+      const grads = await backward(saved, dy.data, dy.shape, kernels, { dyDisposable: true });
       if (!req.retain_context) contexts.release(req.context_id);
       scratch.push(dy.data, grads.gradInput);
       return {

@@ -70,7 +70,7 @@ export function decodeTensorHeader(t: Pick<Tensor__Output, 'shape' | 'dtype'> | 
 }
 
 /** Checks a tensor message and returns its float32 contents. */
-export function decodeTensor(t: Tensor__Output | null | undefined, opts: DecodeOptions): DecodedTensor {
+export function decodeTensor(t: Pick<Tensor__Output, 'shape' | 'dtype' | 'data'> | null | undefined, opts: DecodeOptions): DecodedTensor {
   const header = decodeTensorHeader(t, opts);
   const { shape, dtype, count } = header;
   const bytes = t!.data;

@@ -7,6 +7,8 @@ import { createHash } from 'node:crypto';
 import { afterEach, describe, expect, it } from 'vitest';
 import type { BackwardParams, Layout, TrainForwardParams } from '../../src/kernels/kernels.js';
 import { NativeKernels } from '../../src/kernels/native/native-kernels.js';
+import { backward, BatchNorm } from '../../src/nn/batch-norm.js';
+import { resolveConfig } from '../../src/nn/config.js';
 import { referenceGradSums, referenceStats } from '../../src/kernels/reference.js';
 import { channelData } from '../support/data.js';
 
@@ -243,6 +245,71 @@ describe('native backend', () => {
         expect(bits(together[2 * i]!.output)).toEqual(bits(alone[i]!.output));
         expect(bits(together[2 * i + 1]!.output)).toEqual(bits(alone[i]!.output));
       }
+    });
+  });
+
+  describe('answers written into inputs the caller gives up (OUTPUT_INTO)', () => {
+    const shape = [4, 3, 8, 8];
+    const length = 4 * 3 * 64;
+    const module = (weight: number[]) => {
+      const m = new BatchNorm(resolveConfig({ kind: 'BATCH_NORM_2D', numFeatures: 3n, cumulativeAverage: false }));
+      m.loadStateDict({ weight: { shape: [3], data: Float32Array.from(weight) }, bias: { shape: [3], data: Float32Array.of(0.5, -1, 2) } }, 2, false);
+      return m;
+    };
+    const input = (kernels: NativeKernels) => {
+      const x = kernels.allocate(length);
+      x.set(channelData(4, 3, 64, 2, 3, 9));
+      return x;
+    };
+
+    for (const training of [true, false]) {
+      it(`puts a ${training ? 'training' : 'eval'} forward's output in place of an input nothing saves, with the same values`, async () => {
+        const kernels = start({ threads: 2, inlineBelow: 0 });
+        await kernels.ready;
+        const a = module([1.5, -2, 0.25]);
+        const b = module([1.5, -2, 0.25]);
+        a.update({ training });
+        b.update({ training });
+        const kept = input(kernels);
+        const expected = (await a.forward(kept, shape, kernels, false, false)).output;
+        const given = input(kernels);
+        const got = (await b.forward(given, shape, kernels, false, true)).output;
+        expect(got).toBe(given);
+        expect(Array.from(got)).toEqual(Array.from(expected));
+        expect(Array.from(kept)).toEqual(Array.from(channelData(4, 3, 64, 2, 3, 9)));
+        // A forward that saves its input keeps it.
+        const saved = input(kernels);
+        const withSave = await module([1.5, -2, 0.25]).forward(saved, shape, kernels, true, true);
+        expect(withSave.output).not.toBe(saved);
+      });
+    }
+
+    it('leaves the input alone where an infinite scale needs it afterwards', async () => {
+      const kernels = start({ threads: 2, inlineBelow: 0 });
+      const given = input(kernels);
+      const reference = input(kernels);
+      const out = (await module([Infinity, 1, 1]).forward(given, shape, kernels, false, true)).output;
+      expect(out).not.toBe(given);
+      const expected = (await module([Infinity, 1, 1]).forward(reference, shape, kernels, false, false)).output;
+      expect(Array.from(out, String)).toEqual(Array.from(expected, String));
+    });
+
+    it('puts grad_input in place of a grad_output the caller gives up, with the same values', async () => {
+      const kernels = start({ threads: 2, inlineBelow: 0 });
+      await kernels.ready;
+      const m = module([1.5, -2, 0.25]);
+      const { saved } = await m.forward(input(kernels), shape, kernels, true, true);
+      const dy = () => {
+        const t = kernels.allocate(length);
+        t.set(channelData(4, 3, 64, 0, 1, 4));
+        return t;
+      };
+      const expected = await backward(saved!, dy(), shape, kernels);
+      const given = dy();
+      const got = await backward(saved!, given, shape, kernels, { dyDisposable: true });
+      expect(got.gradInput).toBe(given);
+      expect(Array.from(got.gradInput)).toEqual(Array.from(expected.gradInput));
+      expect(Array.from(got.gradWeight!)).toEqual(Array.from(expected.gradWeight!));
     });
   });
 });

@@ -8,6 +8,7 @@ import type { MethodDefinition } from '@grpc/grpc-js';
 import { batchNormService, syncBatchNormService } from '../../src/wire/proto.js';
 import { answerBytes, answerSerializer, withAnswerSerializers, withAnswerTensor } from '../../src/wire/tensor-answer.js';
 import { encodeTensor } from '../../src/wire/tensor-codec.js';
+import { HEAD_ROOM } from '../../src/kernels/native/native-kernels.js';
 
 type Method = MethodDefinition<object, object>;
 const forward = batchNormService.Forward as unknown as Method;
@@ -15,12 +16,15 @@ const backward = batchNormService.Backward as unknown as Method;
 const served = withAnswerSerializers(batchNormService, { Forward: 'output', Backward: 'grad_input' }) as unknown as Record<string, Method>;
 
 const values = (n: number, seed: number) => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed) * 100);
-/** A tensor in shared memory, as the native backend hands answers out. */
-const shared = (data: Float32Array) => {
-  const out = new Float32Array(new SharedArrayBuffer(data.byteLength));
+/** A tensor in shared memory, with `room` bytes before it (the native backend leaves HEAD_ROOM). */
+const shared = (data: Float32Array, room = 0) => {
+  const out = new Float32Array(new SharedArrayBuffer(room + data.byteLength), room, data.length);
   out.set(data);
   return out;
 };
+/** A decoded message without Tensor.padding, which carries nothing. */
+const withoutPadding = (message: unknown): unknown =>
+  JSON.parse(JSON.stringify(message, (key, value) => (key === 'padding' ? undefined : value)));
 
 describe('answers with their tensor written by the serialiser', () => {
   const shapes: number[][] = [[2, 3, 4, 5], [7, 1], [0, 3], [1], [], [3, 2 ** 31 + 5, 0], [1, 300, 1]];
@@ -35,6 +39,30 @@ describe('answers with their tensor written by the serialiser', () => {
       if (n > 0) expect(handwritten.length).toBe(ordinary.length);
     });
   }
+
+  for (const room of [HEAD_ROOM, 60, 64]) {
+    it(`are written in place before a tensor with ${room} bytes of room, framed between equally aligned offsets`, () => {
+      const data = shared(values(2 * 3 * 64, room), room);
+      const ordinary = forward.responseSerialize({ output: encodeTensor([2, 3, 64], data), context_id: 'a-context' });
+      const inPlace = served.Forward!.responseSerialize(withAnswerTensor({ output: null, context_id: 'a-context' }, { shape: [2, 3, 64], data }));
+      expect(inPlace.buffer).toBe(data.buffer);
+      expect(inPlace.byteOffset + inPlace.length).toBe(data.byteOffset + data.byteLength);
+      // grpc-js puts the message 5 bytes into its frame: source and target then agree modulo 8.
+      expect(inPlace.byteOffset % 8).toBe(5);
+      expect(withoutPadding(forward.responseDeserialize(inPlace))).toEqual(withoutPadding(forward.responseDeserialize(ordinary)));
+      const padding = (forward.responseDeserialize(inPlace) as { output: { padding: Buffer } }).output.padding;
+      expect(padding.length).toBeLessThan(8);
+      expect(padding.every((b) => b === 0)).toBe(true);
+    });
+  }
+
+  it('fall back to a copy where the room before a shared tensor is too small', () => {
+    const data = shared(values(12, 1), 8);
+    const out = served.Forward!.responseSerialize(withAnswerTensor({ output: null, context_id: 'a-context-id-longer-than-the-room' }, { shape: [3, 4], data }));
+    expect(out.buffer).not.toBe(data.buffer);
+    const ordinary = forward.responseSerialize({ output: encodeTensor([3, 4], data), context_id: 'a-context-id-longer-than-the-room' });
+    expect(forward.responseDeserialize(out)).toEqual(forward.responseDeserialize(ordinary));
+  });
 
   it('leave the other fields of a Backward answer as they are', () => {
     const data = shared(values(24, 3));

@@ -211,7 +211,7 @@ export interface SimdLoops {
 export function simdRange(simd: SimdLoops, c: number, s: number, u0: number, u1: number, x: Float32Array, dy: Float32Array | null) {
   const first = s === 1 ? u0 * c : u0 * s;
   const length = (s === 1 ? u1 * c : u1 * s) - first;
-  const base = (first * 4) % 16;
+  const base = (x.byteOffset + first * 4) % 16;
   const span = Math.ceil((length * 4 + 16) / 16) * 16;
   const chBytes = Math.ceil((c * 8) / 16) * 16;
   const p0 = 3 * span;

@@ -38,6 +38,9 @@ export interface NativeOptions {
   readonly simd?: boolean;
 }
 
+/** Bytes before each shared tensor, for the message head of an answer sent from it. */
+export const HEAD_ROOM = 256;
+
 /** What every task of a pass shares: its chunks, their rows of sums, and the counters. */
 interface Shared {
   units: number;
@@ -130,8 +133,8 @@ export class NativeKernels implements Kernels {
    * reduction and the element-wise pass instead of coming back to this thread in between.
    */
   readonly fused: FusedKernels = {
-    trainForward: (x, layout, params) => this.#trainForward(x, layout, params),
-    backward: (x, dy, layout, params) => this.#backward(x, dy, layout, params),
+    trainForward: (x, layout, params, out) => this.#trainForward(x, layout, params, out),
+    backward: (x, dy, layout, params, out) => this.#backward(x, dy, layout, params, out),
   };
   readonly #threads: number;
   readonly #inlineBelow: number;
@@ -191,7 +194,11 @@ export class NativeKernels implements Kernels {
     this.#simd = instantiateSimd(module);
   }
 
-  /** Shared memory for tensors the workers will read, plain memory for the ones they will not. */
+  /**
+   * Shared memory for tensors the workers will read, plain memory for the ones they will not. A
+   * shared tensor starts HEAD_ROOM bytes into its buffer: an answer's message head goes there
+   * (wire/tensor-answer.ts), so that the answer is sent from the tensor's own memory.
+   */
   allocate(length: number): Float32Array {
     if (!this.#parallel(length)) return new Float32Array(length);
     const reused = this.#free.get(length)?.pop();
@@ -200,7 +207,7 @@ export class NativeKernels implements Kernels {
       this.#pooled.delete(reused.buffer as SharedArrayBuffer);
       return reused;
     }
-    return new Float32Array(new SharedArrayBuffer(length * 4));
+    return new Float32Array(new SharedArrayBuffer(HEAD_ROOM + length * 4), HEAD_ROOM, length);
   }
 
   /**
@@ -209,7 +216,7 @@ export class NativeKernels implements Kernels {
    */
   release(tensor: Float32Array): void {
     const buffer = tensor.buffer;
-    if (!(buffer instanceof SharedArrayBuffer) || this.#pooled.has(buffer) || tensor.byteOffset !== 0 || tensor.byteLength !== buffer.byteLength) return;
+    if (!(buffer instanceof SharedArrayBuffer) || this.#pooled.has(buffer) || tensor.byteOffset !== HEAD_ROOM || HEAD_ROOM + tensor.byteLength !== buffer.byteLength) return;
     if (tensor.byteLength > this.#poolBytes || this.#disposed) return;
     let list = this.#free.get(tensor.length);
     if (!list) this.#free.set(tensor.length, (list = []));
@@ -250,8 +257,8 @@ export class NativeKernels implements Kernels {
     return { mean, m2 };
   }
 
-  async normalize(x: Float32Array, layout: Layout, p: NormalizeParams): Promise<Float32Array> {
-    const y = this.allocate(x.length);
+  async normalize(x: Float32Array, layout: Layout, p: NormalizeParams, out?: Float32Array): Promise<Float32Array> {
+    const y = this.#output(x.length, out);
     const xs = this.#shared(x);
     this.#run(layout, x.length, (shared) => ({ op: 'normalize', x: xs, y, c: layout.c, s: layout.s, p, ...shared }));
     return y;
@@ -265,26 +272,26 @@ export class NativeKernels implements Kernels {
     return { sumDy: acc.slice(0, c), sumDyXmu: acc.slice(c) };
   }
 
-  async gradInput(x: Float32Array, dy: Float32Array, layout: Layout, p: GradInputParams): Promise<Float32Array> {
-    const gi = this.allocate(x.length);
+  async gradInput(x: Float32Array, dy: Float32Array, layout: Layout, p: GradInputParams, out?: Float32Array): Promise<Float32Array> {
+    const gi = this.#output(x.length, out);
     const xs = this.#shared(x);
     const dys = this.#shared(dy);
     this.#run(layout, x.length, (shared) => ({ op: 'gradInput', x: xs, dy: dys, gi, c: layout.c, s: layout.s, p, ...shared }));
     return gi;
   }
 
-  async #trainForward(x: Float32Array, layout: Layout, p: TrainForwardParams): Promise<{ stats: ChannelStats; output: Float32Array }> {
+  async #trainForward(x: Float32Array, layout: Layout, p: TrainForwardParams, out?: Float32Array): Promise<{ stats: ChannelStats; output: Float32Array }> {
     const { n, c, s } = layout;
     const k = shifts(x, layout);
-    const y = this.allocate(x.length);
+    const y = this.#output(x.length, out);
     const xs = this.#shared(x);
     const [mean, m2] = this.#run(layout, x.length, (shared) => ({ op: 'trainForward', x: xs, y, c, s, k, p, count: n * s, ...shared })).own as Float64Array[];
     return { stats: { mean: mean!, m2: m2! }, output: y };
   }
 
-  async #backward(x: Float32Array, dy: Float32Array, layout: Layout, p: BackwardParams): Promise<{ sums: GradSums; gradInput: Float32Array }> {
+  async #backward(x: Float32Array, dy: Float32Array, layout: Layout, p: BackwardParams, out?: Float32Array): Promise<{ sums: GradSums; gradInput: Float32Array }> {
     const c = layout.c;
-    const gi = this.allocate(x.length);
+    const gi = this.#output(x.length, out);
     const xs = this.#shared(x);
     const dys = this.#shared(dy);
     const total = this.#run(layout, x.length, (shared) => ({ op: 'backward', x: xs, dy: dys, gi, c, s: layout.s, p, ...shared })).own as Float64Array;
@@ -296,6 +303,12 @@ export class NativeKernels implements Kernels {
     this.#free.clear();
     this.#freeBytes = 0;
     await Promise.all(this.#workers.splice(0).map((w) => w.terminate()));
+  }
+
+  /** `out` where the threads can write it (OUTPUT_INTO in kernels.ts), else a new tensor. */
+  #output(length: number, out: Float32Array | undefined): Float32Array {
+    if (out && out.length === length && (out.buffer instanceof SharedArrayBuffer || !this.#parallel(length))) return out;
+    return this.allocate(length);
   }
 
   #parallel(length: number): boolean {
