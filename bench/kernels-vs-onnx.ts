@@ -1,7 +1,7 @@
 /**
- * The native backend's training forward and backward against onnxruntime's, side by side: each
- * round runs one of each on the same input, in alternating order, so that both see the same
- * machine; medians and their ratio per shape. (bench/peers.ts times every backend, one after
+ * The native backend's training forward, eval forward and backward against onnxruntime's, side
+ * by side: the two alternate in blocks of calls on the same input (BLOCK below), so that both
+ * see the same machine; medians and their ratio per shape. (bench/peers.ts times every backend, one after
  * another; this is the figure issue 15's kernel goal is held to.)
  *
  *   node dist/bench/kernels-vs-onnx.js [--rounds 300] [--shapes 8x256x14x14,256x1024]
@@ -37,7 +37,7 @@ const elements = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
 
 interface Row {
   shape: string;
-  work: 'forward-train' | 'backward';
+  work: 'forward-train' | 'forward-eval' | 'backward';
   native_ms: number;
   /** onnxruntime without spinning threads, in blocks alternating with native. */
   onnxruntime_ms: number;
@@ -75,6 +75,8 @@ for (const shape of SHAPES) {
   // As the server does: the decoded input itself is what the saved forward keeps (no copy).
   const forward = await module.forward(x, shape, kernels, true, true);
   const saved = forward.saved!;
+  const evalModule = new BatchNorm(resolveConfig({ kind: shape.length === 2 ? 'BATCH_NORM_1D' : 'BATCH_NORM_2D', numFeatures: BigInt(c), cumulativeAverage: false }));
+  evalModule.update({ training: false });
   const ones = new Float32Array(c).fill(1);
   const zeros = new Float32Array(c);
   // onnxruntime-node takes plain memory only: its inputs are copies of the same values.
@@ -86,13 +88,18 @@ for (const shape of SHAPES) {
       feeds: { X: tensor(x, shape), scale: tensor(ones, [c]), B: tensor(zeros, [c]), input_mean: tensor(zeros, [c]), input_var: tensor(ones, [c]) },
       native: async () => kernels.release((await module.forward(x, shape, kernels)).output),
     },
+    'forward-eval': {
+      model: batchNormForwardModel(shape, { training: false, momentum: 0.9, epsilon: 1e-5 }),
+      feeds: { X: tensor(x, shape), scale: tensor(ones, [c]), B: tensor(zeros, [c]), input_mean: tensor(zeros, [c]), input_var: tensor(ones, [c]) },
+      native: async () => kernels.release((await evalModule.forward(x, shape, kernels)).output),
+    },
     backward: {
       model: batchNormBackwardModel(shape),
       feeds: { X: tensor(x, shape), dY: tensor(dy, shape), mean: tensor(Float32Array.from(saved.mean), ch), invstd: tensor(Float32Array.from(saved.invstd), ch), weight: tensor(ones, ch) },
       native: async () => kernels.release((await backward(saved, dy, shape, kernels)).gradInput),
     },
   } as const;
-  for (const work of ['forward-train', 'backward'] as const) {
+  for (const work of ['forward-train', 'forward-eval', 'backward'] as const) {
     const { model, feeds, native } = models[work];
     const quiet = await ort.InferenceSession.create(model, options(false));
     const runners = { native, onnxruntime: () => quiet.run(feeds) };
