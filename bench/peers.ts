@@ -719,7 +719,8 @@ async function main(): Promise<void> {
   const labels = SHAPES.map((s) => s.label);
   const lines: string[] = [];
   lines.push(`# normserve and its peers${QUICK ? ' (--quick)' : ''}`, '', `${machine}. Medians of ${TIMING.minRuns} to ${TIMING.maxRuns} runs after ${TIMING.warmup} warm-up.`);
-  for (const work of WORKS) {
+  // The kernel tables only when the kernels ran (`--only e2e` and the like print their own parts).
+  for (const work of want('kernels') ? WORKS : []) {
     lines.push('', `## ${WORK_TITLES[work]}`, '', 'ms (÷ onnxruntime, ÷ copy floor)', '');
     const body = [...backends, 'onnxruntime'].map((runner) => [
       runner,
@@ -736,22 +737,24 @@ async function main(): Promise<void> {
     body.push(['copy floor', ...labels.map((label) => ms(cell('copy floor', 'copy', label)?.median_ms ?? NaN))]);
     lines.push(table(['runner', ...labels], body));
   }
-  lines.push('', '## First call, ms (includes kernel compilation and first-touch allocation)', '');
-  lines.push(
-    table(
-      ['runner', 'work', ...labels],
-      [...backends, 'onnxruntime'].flatMap((runner) => WORKS.map((work) => [runner, work, ...labels.map((l) => (cell(runner, work, l) ? ms(cell(runner, work, l)!.first_call_ms) : '—'))])),
-    ),
-  );
-  lines.push('', `## End to end: Forward (normserve ${serverArgs.join(' ')}, training mode) vs echo, same transport, interleaved`, '');
-  lines.push(
+  if (want('kernels')) {
+    lines.push('', '## First call, ms (includes kernel compilation and first-touch allocation)', '');
+    lines.push(
+      table(
+        ['runner', 'work', ...labels],
+        [...backends, 'onnxruntime'].flatMap((runner) => WORKS.map((work) => [runner, work, ...labels.map((l) => (cell(runner, work, l) ? ms(cell(runner, work, l)!.first_call_ms) : '—'))])),
+      ),
+    );
+  }
+  if (want('e2e')) lines.push('', `## End to end: Forward (normserve ${serverArgs.join(' ')}, training mode) vs echo, same transport, interleaved`, '');
+  if (want('e2e')) lines.push(
     table(
       ['shape', 'tensor MB', 'Forward ms', 'echo ms', 'Forward ÷ echo', 'first Forward ms', 'first echo ms', 'pairs'],
       endToEndRows.map((r) => [r.shape, r.tensor_mb.toFixed(2), ms(r.forward_ms), ms(r.echo_ms), ratioText(r.forward_over_echo), ms(r.forward_first_call_ms), ms(r.echo_first_call_ms), String(r.pairs)]),
     ),
   );
-  lines.push('', '## Streams and shared memory: Forward unary, streamed in 1 MiB chunks, and through a shared-memory region (client writes and reads the file), beside the streamed echo', '');
-  lines.push(
+  if (want('transport')) lines.push('', '## Streams and shared memory: Forward unary, streamed in 1 MiB chunks, and through a shared-memory region (client writes and reads the file), beside the streamed echo', '');
+  if (want('transport')) lines.push(
     table(
       ['shape', 'tensor MB', 'Forward ms', 'ForwardStream ms', 'EchoStream ms', 'ForwardStream ÷ EchoStream', 'ForwardStream GB/s', 'shared memory ms', 'shared memory GB/s', 'runs'],
       transportRows.map((r) => [
@@ -768,8 +771,8 @@ async function main(): Promise<void> {
       ]),
     ),
   );
-  lines.push('', `## Server memory per in-flight Forward, ${memoryRows[0]?.shape ?? ''} (fresh server per repeat, median of ${MEMORY_REPEATS})`, '');
-  lines.push(
+  if (want('memory')) lines.push('', `## Server memory per in-flight Forward, ${memoryRows[0]?.shape ?? ''} (fresh server per repeat, median of ${MEMORY_REPEATS})`, '');
+  if (want('memory')) lines.push(
     table(
       ['call', 'in flight', 'tensor MB', 'RSS before MB', 'peak MB', 'per call MB', 'per call ÷ tensor', 'method'],
       memoryRows.map((r) => {
