@@ -119,6 +119,11 @@ export interface Kernels {
   allocate?(length: number): Float32Array;
   /** Gives back an array from `allocate` that nothing will read again, for reuse. */
   release?(tensor: Float32Array): void;
+  /**
+   * Bytes just before `tensor` in its buffer that belong to it, free for the wire to write an
+   * answer's message head into (wire/tensor-answer.ts); 0 for arrays it did not allocate so.
+   */
+  headRoom?(tensor: Float32Array): number;
   /** Bytes of released arrays held for reuse. */
   readonly pooledBytes?: number;
   /** Releases compiled kernels and device resources. */

@@ -176,5 +176,5 @@ export function addBatchNormService(server: Server, deps: BatchNormServiceDeps):
     ListRegions: unary('list', (_req, _signal, principal) => ({ regions: deps.regions.list(principal.id).map(regionToWire), shm_dir: deps.regions.dir })),
     BackwardStream: streamTensorHandler(deps, 'write', backwardOp),
   };
-  server.addService(withAnswerSerializers(batchNormService, { Forward: 'output', Backward: 'grad_input' }), handlers as unknown as UntypedServiceImplementation);
+  server.addService(withAnswerSerializers(batchNormService, { Forward: 'output', Backward: 'grad_input' }, (t) => kernels.headRoom?.(t) ?? 0), handlers as unknown as UntypedServiceImplementation);
 }

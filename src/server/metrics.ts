@@ -119,6 +119,7 @@ export class Metrics {
       }),
       ...(kernels.allocate && { allocate: kernels.allocate.bind(kernels) }),
       ...(kernels.release && { release: kernels.release.bind(kernels) }),
+      ...(kernels.headRoom && { headRoom: kernels.headRoom.bind(kernels) }),
       dispose: () => kernels.dispose(),
     };
   }

@@ -237,5 +237,5 @@ export function addSyncBatchNormService(server: Server, deps: SyncServiceDeps): 
       }),
     ),
   };
-  server.addService(withAnswerSerializers(syncBatchNormService, { SyncForward: 'output', SyncBackward: 'grad_input' }), handlers as unknown as UntypedServiceImplementation);
+  server.addService(withAnswerSerializers(syncBatchNormService, { SyncForward: 'output', SyncBackward: 'grad_input' }, (t) => kernels.headRoom?.(t) ?? 0), handlers as unknown as UntypedServiceImplementation);
 }

@@ -9,8 +9,8 @@
  * (`answerSerializer`) writes the rest of the message with protobufjs, then the tensor field by
  * hand: the Tensor message's shape and dtype, then the data.
  *
- * - A tensor in shared memory with room before it (the native backend allocates every tensor
- *   with 256 bytes of it) is not copied at all: the message's head is written into that room and
+ * - A tensor in shared memory with room before it that its backend grants (Kernels.headRoom: the
+ *   native backend allocates every shared tensor with 256 bytes of it) is not copied at all: the message's head is written into that room and
  *   the message is a view of the tensor's own memory. Tensor.padding (zero to seven bytes) puts
  *   the data where grpc-js's copy into its frame, five bytes into a new buffer, runs between
  *   equally aligned offsets: V8 copies out of shared memory word by word only then.
@@ -96,11 +96,15 @@ function bufferOf(bytes: number): ArrayBuffer {
   return kept;
 }
 
+/** Bytes before a tensor that are free for its message head (Kernels.headRoom), 0 if none. */
+export type RoomBefore = (data: Float32Array) => number;
+
 /**
  * `serialize` (grpc-js's, from proto-loader) for messages without an attached tensor; with one,
- * the message as `serialize` writes it followed by field `field` holding the tensor.
+ * the message as `serialize` writes it followed by field `field` holding the tensor, written in
+ * place where `roomBefore` grants the bytes before the tensor.
  */
-export function answerSerializer(serialize: (value: object) => Buffer, field: number): (value: object) => Buffer {
+export function answerSerializer(serialize: (value: object) => Buffer, field: number, roomBefore: RoomBefore = () => 0): (value: object) => Buffer {
   const fieldKey = (field << 3) | 2;
   return (value) => {
     const tensor = (value as WithAnswer)[ANSWER];
@@ -144,10 +148,11 @@ export function answerSerializer(serialize: (value: object) => Buffer, field: nu
     // In place: a tensor in shared memory with room before it (the native backend's) gets the
     // message's head written just before its data, padded so that grpc-js's copy into its frame
     // runs between equally aligned offsets; no copy here at all.
-    if (data.buffer instanceof SharedArrayBuffer && dataBytes > 0) {
+    const room = data.buffer instanceof SharedArrayBuffer && dataBytes > 0 ? roomBefore(data) : 0;
+    if (room > 0) {
       for (let pad = 0; pad < 8; pad++) {
         const { inner, head } = headWith(pad);
-        if (head > data.byteOffset || (data.byteOffset - head) % 8 !== FRAME_HEADER) continue;
+        if (head > room || (data.byteOffset - head) % 8 !== FRAME_HEADER) continue;
         const start = data.byteOffset - head;
         write(new Uint8Array(data.buffer, start, head), inner, pad);
         return Buffer.from(data.buffer, start, head + dataBytes);
@@ -168,7 +173,7 @@ export function answerSerializer(serialize: (value: object) => Buffer, field: nu
  * `service` with `answerSerializer` on the named methods, each given the name of its response's
  * tensor field; the field's number comes from the method's own descriptor.
  */
-export function withAnswerSerializers(service: ServiceDefinition, methods: Readonly<Record<string, string>>): ServiceDefinition {
+export function withAnswerSerializers(service: ServiceDefinition, methods: Readonly<Record<string, string>>, roomBefore?: RoomBefore): ServiceDefinition {
   const out: Record<string, MethodDefinition<object, object>> = { ...(service as Record<string, MethodDefinition<object, object>>) };
   for (const [name, fieldName] of Object.entries(methods)) {
     const method = out[name];
@@ -178,7 +183,7 @@ export function withAnswerSerializers(service: ServiceDefinition, methods: Reado
     if (!found || found.type !== 'TYPE_MESSAGE' || !found.typeName.endsWith('Tensor')) {
       throw new Error(`withAnswerSerializers: ${name}'s response has no Tensor field ${fieldName}`);
     }
-    out[name] = { ...method, responseSerialize: answerSerializer(method.responseSerialize as (value: object) => Buffer, found.number) };
+    out[name] = { ...method, responseSerialize: answerSerializer(method.responseSerialize as (value: object) => Buffer, found.number, roomBefore) };
   }
   return out as ServiceDefinition;
 }

@@ -8,12 +8,14 @@ import type { MethodDefinition } from '@grpc/grpc-js';
 import { batchNormService, syncBatchNormService } from '../../src/wire/proto.js';
 import { answerBytes, answerSerializer, withAnswerSerializers, withAnswerTensor } from '../../src/wire/tensor-answer.js';
 import { encodeTensor } from '../../src/wire/tensor-codec.js';
-import { HEAD_ROOM } from '../../src/kernels/native/native-kernels.js';
+import { HEAD_ROOM, NativeKernels } from '../../src/kernels/native/native-kernels.js';
 
 type Method = MethodDefinition<object, object>;
 const forward = batchNormService.Forward as unknown as Method;
 const backward = batchNormService.Backward as unknown as Method;
-const served = withAnswerSerializers(batchNormService, { Forward: 'output', Backward: 'grad_input' }) as unknown as Record<string, Method>;
+/** Served as the native backend's tensors are: every byte before a test tensor is its own. */
+const served = withAnswerSerializers(batchNormService, { Forward: 'output', Backward: 'grad_input' }, (t) => t.byteOffset) as unknown as Record<string, Method>;
+const servedWithoutRoom = withAnswerSerializers(batchNormService, { Forward: 'output', Backward: 'grad_input' }) as unknown as Record<string, Method>;
 
 const values = (n: number, seed: number) => Float32Array.from({ length: n }, (_, i) => Math.sin(i * 0.37 + seed) * 100);
 /** A tensor in shared memory, with `room` bytes before it (the native backend leaves HEAD_ROOM). */
@@ -55,6 +57,29 @@ describe('answers with their tensor written by the serialiser', () => {
       expect(padding.every((b) => b === 0)).toBe(true);
     });
   }
+
+  it('never write before a tensor whose backend grants no room, and then copy it', () => {
+    const data = shared(values(2 * 3 * 64, 7), HEAD_ROOM);
+    const before = new Uint8Array(data.buffer, 0, HEAD_ROOM).fill(0xab);
+    const out = servedWithoutRoom.Forward!.responseSerialize(withAnswerTensor({ output: null, context_id: 'a' }, { shape: [2, 3, 64], data }));
+    expect(out.buffer).not.toBe(data.buffer);
+    expect(before.every((b) => b === 0xab)).toBe(true);
+    const ordinary = forward.responseSerialize({ output: encodeTensor([2, 3, 64], data), context_id: 'a' });
+    expect(forward.responseDeserialize(out)).toEqual(forward.responseDeserialize(ordinary));
+  });
+
+  it('grant the native backend room before its own shared tensors only', async () => {
+    const kernels = new NativeKernels({ threads: 2, inlineBelow: 16 });
+    try {
+      const own = kernels.allocate(64);
+      expect(kernels.headRoom(own)).toBe(HEAD_ROOM);
+      expect(kernels.headRoom(own.subarray(1))).toBe(0);
+      expect(kernels.headRoom(shared(values(64, 1), HEAD_ROOM))).toBe(0);
+      expect(kernels.headRoom(kernels.allocate(8))).toBe(0);
+    } finally {
+      await kernels.dispose();
+    }
+  });
 
   it('fall back to a copy where the room before a shared tensor is too small', () => {
     const data = shared(values(12, 1), 8);

@@ -151,6 +151,8 @@ export class NativeKernels implements Kernels {
    */
   readonly #free = new Map<number, Float32Array[]>();
   readonly #pooled = new WeakSet<SharedArrayBuffer>();
+  /** Every shared buffer `allocate` made, each with HEAD_ROOM bytes before its tensor. */
+  readonly #roomy = new WeakSet<SharedArrayBuffer>();
   readonly #poolBytes: number;
   #freeBytes = 0;
 
@@ -207,7 +209,15 @@ export class NativeKernels implements Kernels {
       this.#pooled.delete(reused.buffer as SharedArrayBuffer);
       return reused;
     }
-    return new Float32Array(new SharedArrayBuffer(HEAD_ROOM + length * 4), HEAD_ROOM, length);
+    const buffer = new SharedArrayBuffer(HEAD_ROOM + length * 4);
+    this.#roomy.add(buffer);
+    return new Float32Array(buffer, HEAD_ROOM, length);
+  }
+
+  /** HEAD_ROOM for a tensor `allocate` made (at the start of its own buffer), else 0. */
+  headRoom(tensor: Float32Array): number {
+    const buffer = tensor.buffer;
+    return buffer instanceof SharedArrayBuffer && this.#roomy.has(buffer) && tensor.byteOffset === HEAD_ROOM ? HEAD_ROOM : 0;
   }
 
   /**
