@@ -5,6 +5,8 @@
  * Each loop covers a range of units so that worker threads can split one tensor between them:
  * with s > 1 a unit is one (sample, channel) row of s elements; with s = 1 (an (N, C) input) a
  * unit is one sample's C values. Sums are added into `acc` (length 2c): acc[ch] and acc[c + ch].
+ * Below them: the same loops on WebAssembly SIMD (`*Range`, simd-wat.ts), the chunks threads
+ * take (`*Chunks`), and the fused forward and backward shares.
  *
  * These functions are also the source of the worker threads (`Function.prototype.toString`), so
  * each must be self-contained: no imports, no closures, no calls to anything but each other.
