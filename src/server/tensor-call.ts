@@ -148,6 +148,8 @@ export class StreamBudget {
   }
 }
 
+const EMPTY = Buffer.alloc(0);
+
 const decodeOptions = (ctx: TensorCallContext, field: string) => ({
   field,
   maxElements: ctx.maxTensorElements,
@@ -183,6 +185,8 @@ export function unaryTensorHandler<Req, Res>(ctx: TensorCallContext, op: TensorO
         tensor = { shape: header!.shape, data };
       } else {
         tensor = decodeTensor(wire, options);
+        // Copied out: let grpc-js's joined message go now rather than when the call ends.
+        if (tensor.data.buffer !== wire!.data.buffer) (wire as { data: Buffer }).data = EMPTY;
       }
     } catch (err) {
       op.fail?.(req, err);
