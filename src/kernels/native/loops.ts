@@ -307,9 +307,13 @@ export const DONE_2 = 3;
 export const FAILED = 4;
 export const SYNC_SLOTS = 5;
 
-/** Chunks for `units` units of `length` elements: one per 16384 elements, from 1 to 64. */
+/**
+ * Chunks for `units` units of `length` elements: one per 16384 elements, from 1 to 1024 (a
+ * chunk's three tensors then fit a core's cache in each thread's SIMD memory, 192 KiB, up to
+ * 16M-element tensors; 64 chunks at most held 1.2 MiB per thread for (32,64,56,56)).
+ */
 export function chunkCount(units: number, length: number): number {
-  return Math.max(1, Math.min(units, 64, Math.ceil(length / 16384)));
+  return Math.max(1, Math.min(units, 1024, Math.ceil(length / 16384)));
 }
 
 /** Where chunk `k` of `chunks` starts. */
