@@ -70,13 +70,16 @@ for (const shape of SHAPES) {
   const c = shape[1]!;
   const x = fill(kernels.allocate(n), 12345, 3, 2);
   const dy = fill(kernels.allocate(n), 777, 0, 1);
-  const module = new BatchNorm(resolveConfig({ kind: shape.length === 2 ? 'BATCH_NORM_1D' : 'BATCH_NORM_2D', numFeatures: BigInt(c), cumulativeAverage: false }));
-  module.update({ training: true });
+  const newModule = (training: boolean) => {
+    const m = new BatchNorm(resolveConfig({ kind: shape.length === 2 ? 'BATCH_NORM_1D' : 'BATCH_NORM_2D', numFeatures: BigInt(c), cumulativeAverage: false }));
+    m.update({ training });
+    return m;
+  };
+  const module = newModule(true);
   // As the server does: the decoded input itself is what the saved forward keeps (no copy).
   const forward = await module.forward(x, shape, kernels, true, true);
   const saved = forward.saved!;
-  const evalModule = new BatchNorm(resolveConfig({ kind: shape.length === 2 ? 'BATCH_NORM_1D' : 'BATCH_NORM_2D', numFeatures: BigInt(c), cumulativeAverage: false }));
-  evalModule.update({ training: false });
+  const evalModule = newModule(false);
   const ones = new Float32Array(c).fill(1);
   const zeros = new Float32Array(c);
   // onnxruntime-node takes plain memory only: its inputs are copies of the same values.

@@ -556,18 +556,19 @@ export async function localGradSums(saved: SavedForward, dy: Float32Array, kerne
  *   grad_input = w · invstd · (dy − S1/n − (x − μ) · invstd² · S2/n)
  * with running statistics it does not: grad_input = dy · w · invstd. In both,
  * grad_weight = S2 · invstd and grad_bias = S1, where S1 = Σ dy and S2 = Σ dy · (x − μ).
- * `sums.group` replaces S1, S2 and n with a group's totals (SyncBatchNorm); `sums.local` passes
- * this shard's sums when they are known already; `sums.dyDisposable` lets grad_input overwrite dy.
+ * `options.group` replaces S1, S2 and n with a group's totals (SyncBatchNorm); `options.local`
+ * passes this shard's sums when they are known already; `options.dyDisposable` lets grad_input
+ * overwrite dy.
  */
 export async function backward(
   saved: SavedForward,
   dy: Float32Array,
   dyShape: readonly number[],
   kernels: Kernels,
-  sums: { local?: GradSums; group?: GradSums & { count: number }; dyDisposable?: boolean } = {},
+  options: { local?: GradSums; group?: GradSums & { count: number }; dyDisposable?: boolean } = {},
 ): Promise<Gradients & { local: GradSums }> {
   // grad_input may take dy's place when the caller will not read dy again (OUTPUT_INTO).
-  const into = sums.dyDisposable ? dy : undefined;
+  const into = options.dyDisposable ? dy : undefined;
   checkGradShape(saved, dyShape);
   const layout = layoutOf(saved.shape);
   const channels = layout.c;
@@ -584,13 +585,13 @@ export async function backward(
     const zeros = new Float64Array(channels);
     return { gradInput: new Float32Array(0), gradWeight: parameterGrads(zeros), gradBias: parameterGrads(zeros), local: { sumDy: zeros, sumDyXmu: zeros } };
   }
-  if (kernels.fused && !sums.local && !sums.group) {
+  if (kernels.fused && !options.local && !options.group) {
     const weight = w ? Float64Array.from(w) : new Float64Array(channels).fill(1);
     const fused = await kernels.fused.backward(saved.x, dy, layout, { mean: saved.mean, invstd: saved.invstd, weight, batchStats: saved.batchStats, count: saved.count }, into);
     return answer(fused.gradInput, fused.sums);
   }
-  const local = sums.local ?? (await localGradSums(saved, dy, kernels));
-  const group = sums.group;
+  const local = options.local ?? (await localGradSums(saved, dy, kernels));
+  const group = options.group;
   const s1 = group?.sumDy ?? local.sumDy;
   const s2 = group?.sumDyXmu ?? local.sumDyXmu;
   const n = group?.count ?? saved.count;

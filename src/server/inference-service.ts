@@ -161,7 +161,7 @@ async function modelInfer(deps: InferenceServiceDeps, req: ModelInferRequest__Ou
     signal,
   );
   scratch.push(output);
-  // Out of shared memory through a plain copy, as Forward answers (tensor-call.ts, PlainCopies).
+  // Out of shared memory through a plain copy (tensor-call.ts, PlainCopies).
   const plain = deps.plain.take(output);
   if (plain !== output) scratch.push(plain);
   return {

@@ -51,7 +51,6 @@ export interface TensorCallContext extends CallContext {
   readonly regions: RegionRegistry;
   readonly allocate?: (length: number) => Float32Array;
   readonly streams: StreamBudget;
-  readonly plain: PlainCopies;
   /** Bytes per answer chunk of a stream. */
   readonly streamChunkBytes: number;
 }
@@ -97,9 +96,11 @@ class PlainPool<T extends Uint8Array | Float32Array> {
 }
 
 /**
- * Plain-memory copies of answers in shared memory. protobufjs copies a bytes field into its
- * message at any offset, and V8 copies out of shared memory byte by byte when the alignments
- * differ; an aligned copy into plain memory first, then protobufjs's memcpy, is faster.
+ * Plain-memory copies of answers in shared memory, for the inference service's answers (its
+ * messages are not Tensors, so wire/tensor-answer.ts does not write them). protobufjs copies a
+ * bytes field into its message at any offset, and V8 copies out of shared memory byte by byte
+ * when the alignments differ; an aligned copy into plain memory first, then protobufjs's memcpy,
+ * is faster.
  */
 export class PlainCopies {
   readonly #pool: PlainPool<Float32Array>;

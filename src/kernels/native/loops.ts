@@ -11,6 +11,7 @@
  * These functions are also the source of the worker threads (`Function.prototype.toString`), so
  * each must be self-contained: no imports, no closures, no calls to anything but each other.
  */
+import type { BackwardParams, GradInputParams, NormalizeParams, TrainForwardParams } from '../kernels.js';
 
 /**
  * Σ (x − k) and Σ (x − k)² per channel, with k the channel's shift (its first value, so a large
@@ -362,34 +363,46 @@ export function addRows(partials: Float64Array, width: number, rows: number): Fl
   return total;
 }
 
+/**
+ * Runs `body` over each chunk this thread takes from counter sync[taken], counting it done at
+ * sync[taken + 1].
+ */
+export function takeChunks(sync: Int32Array, taken: number, units: number, chunks: number, body: (u0: number, u1: number, chunk: number) => void): void {
+  for (let chunk = Atomics.add(sync, taken, 1); chunk < chunks; chunk = Atomics.add(sync, taken, 1)) {
+    body(chunkStart(units, chunks, chunk), chunkStart(units, chunks, chunk + 1), chunk);
+    chunkDone(sync, taken + 1, chunks);
+  }
+}
+
+/**
+ * `sum(u0, u1, acc)` over the chunks this thread takes, each chunk's sums into its row of
+ * partials. They go into plain memory first: V8's code for read-modify-writes of shared memory is
+ * slower (the (N, C) loops update every channel's sums once per four samples).
+ */
+export function sumChunks(
+  c: number, units: number, chunks: number, partials: Float64Array, sync: Int32Array, sum: (u0: number, u1: number, acc: Float64Array) => void,
+): void {
+  const width = 2 * c;
+  const acc = new Float64Array(width);
+  takeChunks(sync, 0, units, chunks, (u0, u1, chunk) => {
+    acc.fill(0);
+    sum(u0, u1, acc);
+    partials.set(acc, chunk * width);
+  });
+}
+
 /** statsUnits over the chunks this thread takes, each into its row of partials. */
 export function statsChunks(
   simd: SimdLoops | null, x: Float32Array, c: number, s: number, units: number, chunks: number, k: Float64Array, partials: Float64Array, sync: Int32Array,
 ): void {
-  const width = 2 * c;
-  // Sums go into plain memory first: V8's code for read-modify-writes of shared memory is slower
-  // (the (N, C) loops update every channel's sums once per four samples).
-  const acc = new Float64Array(width);
-  for (let chunk = Atomics.add(sync, 0, 1); chunk < chunks; chunk = Atomics.add(sync, 0, 1)) {
-    acc.fill(0);
-    statsRange(simd, x, c, s, chunkStart(units, chunks, chunk), chunkStart(units, chunks, chunk + 1), k, acc);
-    partials.set(acc, chunk * width);
-    chunkDone(sync, 1, chunks);
-  }
+  sumChunks(c, units, chunks, partials, sync, (u0, u1, acc) => statsRange(simd, x, c, s, u0, u1, k, acc));
 }
 
 /** gradSumsUnits over the chunks this thread takes, each into its row of partials. */
 export function gradSumsChunks(
   simd: SimdLoops | null, x: Float32Array, dy: Float32Array, c: number, s: number, units: number, chunks: number, mean: Float64Array, partials: Float64Array, sync: Int32Array,
 ): void {
-  const width = 2 * c;
-  const acc = new Float64Array(width);
-  for (let chunk = Atomics.add(sync, 0, 1); chunk < chunks; chunk = Atomics.add(sync, 0, 1)) {
-    acc.fill(0);
-    gradSumsRange(simd, x, dy, c, s, chunkStart(units, chunks, chunk), chunkStart(units, chunks, chunk + 1), mean, acc);
-    partials.set(acc, chunk * width);
-    chunkDone(sync, 1, chunks);
-  }
+  sumChunks(c, units, chunks, partials, sync, (u0, u1, acc) => gradSumsRange(simd, x, dy, c, s, u0, u1, mean, acc));
 }
 
 /** normalizeUnits over the chunks this thread takes from counter sync[taken]. */
@@ -397,10 +410,7 @@ export function normalizeChunks(
   simd: SimdLoops | null, x: Float32Array, y: Float32Array, c: number, s: number, units: number, chunks: number,
   mean: Float64Array, scale: Float64Array, shift: Float64Array, sync: Int32Array, taken: number,
 ): void {
-  for (let chunk = Atomics.add(sync, taken, 1); chunk < chunks; chunk = Atomics.add(sync, taken, 1)) {
-    normalizeRange(simd, x, y, c, s, chunkStart(units, chunks, chunk), chunkStart(units, chunks, chunk + 1), mean, scale, shift);
-    chunkDone(sync, taken + 1, chunks);
-  }
+  takeChunks(sync, taken, units, chunks, (u0, u1) => normalizeRange(simd, x, y, c, s, u0, u1, mean, scale, shift));
 }
 
 /** gradInputUnits over the chunks this thread takes from counter sync[taken]. */
@@ -408,15 +418,29 @@ export function gradInputChunks(
   simd: SimdLoops | null, x: Float32Array, dy: Float32Array, gi: Float32Array, c: number, s: number, units: number, chunks: number,
   mean: Float64Array, a: Float64Array, b: Float64Array, k: Float64Array, sync: Int32Array, taken: number,
 ): void {
-  for (let chunk = Atomics.add(sync, taken, 1); chunk < chunks; chunk = Atomics.add(sync, taken, 1)) {
-    gradInputRange(simd, x, dy, gi, c, s, chunkStart(units, chunks, chunk), chunkStart(units, chunks, chunk + 1), mean, a, b, k);
-    chunkDone(sync, taken + 1, chunks);
+  takeChunks(sync, taken, units, chunks, (u0, u1) => gradInputRange(simd, x, dy, gi, c, s, u0, u1, mean, a, b, k));
+}
+
+/**
+ * Each channel's mean and sum of squared deviations m2 from its sums shifted by k: total[ch] =
+ * Σ (x − k) and total[c + ch] = Σ (x − k)² over `count` values. m2 is clamped at 0 (rounding can
+ * take it below), NaN kept.
+ */
+export function meanAndM2(total: Float64Array, k: Float64Array, c: number, count: number): Float64Array[] {
+  const mean = new Float64Array(c);
+  const m2 = new Float64Array(c);
+  for (let ch = 0; ch < c; ch++) {
+    const sum = total[ch]!;
+    mean[ch] = k[ch]! + sum / count;
+    const dev = total[c + ch]! - (sum * sum) / count;
+    m2[ch] = dev > 0 ? dev : Number.isNaN(dev) ? dev : 0;
   }
+  return [mean, m2];
 }
 
 /**
  * A training forward's share: statistics shifted by k; once every chunk is done, the batch's
- * mean and m2 (as NativeKernels.stats derives them) and scale = invstd · weight with invstd =
+ * mean and m2 (meanAndM2, as NativeKernels.stats derives them) and scale = invstd · weight with invstd =
  * 1/sqrt(m2/count + eps), or 0 where both are 0; then y over the chunks it takes.
  * Returns [mean, m2].
  */
@@ -426,17 +450,10 @@ export function trainForwardShare(
 ): Float64Array[] {
   statsChunks(simd, x, c, s, units, chunks, k, partials, sync);
   waitFor(sync, 1, chunks);
-  const total = addRows(partials, 2 * c, chunks);
-  const mean = new Float64Array(c);
-  const m2 = new Float64Array(c);
+  const [mean, m2] = meanAndM2(addRows(partials, 2 * c, chunks), k, c, count) as [Float64Array, Float64Array];
   const scale = new Float64Array(c);
   for (let ch = 0; ch < c; ch++) {
-    const sum = total[ch]!;
-    mean[ch] = k[ch]! + sum / count;
-    const dev = total[c + ch]! - (sum * sum) / count;
-    const m = dev > 0 ? dev : Number.isNaN(dev) ? dev : 0;
-    m2[ch] = m;
-    const variance = m / count;
+    const variance = m2[ch]! / count;
     scale[ch] = (variance === 0 && eps === 0 ? 0 : 1 / Math.sqrt(variance + eps)) * weight[ch]!;
   }
   normalizeChunks(simd, x, y, c, s, units, chunks, mean, scale, bias, sync, 2);
@@ -468,4 +485,50 @@ export function backwardShare(
   }
   gradInputChunks(simd, x, dy, gi, c, s, units, chunks, mean, a, b, k, sync, 2);
   return total;
+}
+
+/** What every task of a pass shares: its chunks, their rows of sums, and the counters. */
+export interface Shared {
+  units: number;
+  chunks: number;
+  partials: Float64Array;
+  sync: Int32Array;
+}
+
+/** A share of a pass, as the calling thread runs it and the workers receive it. */
+export type Task = Shared &
+  (
+    | { op: 'stats'; x: Float32Array; c: number; s: number; k: Float64Array }
+    | { op: 'normalize'; x: Float32Array; y: Float32Array; c: number; s: number; p: NormalizeParams }
+    | { op: 'gradSums'; x: Float32Array; dy: Float32Array; c: number; s: number; mean: Float64Array }
+    | { op: 'gradInput'; x: Float32Array; dy: Float32Array; gi: Float32Array; c: number; s: number; p: GradInputParams }
+    | { op: 'trainForward'; x: Float32Array; y: Float32Array; c: number; s: number; k: Float64Array; p: TrainForwardParams; count: number }
+    | { op: 'backward'; x: Float32Array; dy: Float32Array; gi: Float32Array; c: number; s: number; p: BackwardParams }
+  );
+
+/**
+ * Runs this thread's share of a task: the one dispatcher, for the calling thread and (as source)
+ * for the workers. Returns the fused passes' statistics or sums, null for the others.
+ */
+export function runShare(simd: SimdLoops | null, t: Task): Float64Array[] | Float64Array | null {
+  switch (t.op) {
+    case 'stats':
+      statsChunks(simd, t.x, t.c, t.s, t.units, t.chunks, t.k, t.partials, t.sync);
+      return null;
+    case 'normalize':
+      normalizeChunks(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.scale, t.p.shift, t.sync, 0);
+      return null;
+    case 'gradSums':
+      gradSumsChunks(simd, t.x, t.dy, t.c, t.s, t.units, t.chunks, t.mean, t.partials, t.sync);
+      return null;
+    case 'gradInput':
+      gradInputChunks(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.a, t.p.b, t.p.k, t.sync, 0);
+      return null;
+    case 'trainForward':
+      return trainForwardShare(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.k, t.p.weight, t.p.bias, t.p.eps, t.count, t.partials, t.sync);
+    case 'backward': {
+      const p = t.p;
+      return backwardShare(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, p.mean, p.invstd, p.weight, p.batchStats, p.count, t.partials, t.sync);
+    }
+  }
 }

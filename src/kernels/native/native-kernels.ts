@@ -19,8 +19,8 @@ import { Worker } from 'node:worker_threads';
 import type { BackwardParams, ChannelStats, FusedKernels, GradInputParams, GradSums, Kernels, Layout, NormalizeParams, TrainForwardParams } from '../kernels.js';
 import {
   addRows, backwardShare, chunkCount, chunkDone, chunkStart, DONE, DONE_2, failPass, gradInputChunks, gradInputRange, gradInputUnits, gradSumsChunks,
-  gradSumsRange, gradSumsUnits, normalizeChunks, normalizeRange, normalizeUnits, simdRange, statsChunks, statsRange, statsUnits, SYNC_SLOTS,
-  trainForwardShare, waitFor, type SimdLoops,
+  gradSumsRange, gradSumsUnits, meanAndM2, normalizeChunks, normalizeRange, normalizeUnits, runShare, simdRange, statsChunks, statsRange, statsUnits,
+  sumChunks, SYNC_SLOTS, takeChunks, trainForwardShare, waitFor, type Shared, type SimdLoops, type Task,
 } from './loops.js';
 import { instantiateSimd, simdModule } from './simd.js';
 
@@ -41,72 +41,19 @@ export interface NativeOptions {
 /** Bytes before each shared tensor, for the message head of an answer sent from it. */
 export const HEAD_ROOM = 256;
 
-/** What every task of a pass shares: its chunks, their rows of sums, and the counters. */
-interface Shared {
-  units: number;
-  chunks: number;
-  partials: Float64Array;
-  sync: Int32Array;
-}
-
-type Task = Shared &
-  (
-    | { op: 'stats'; x: Float32Array; c: number; s: number; k: Float64Array }
-    | { op: 'normalize'; x: Float32Array; y: Float32Array; c: number; s: number; p: NormalizeParams }
-    | { op: 'gradSums'; x: Float32Array; dy: Float32Array; c: number; s: number; mean: Float64Array }
-    | { op: 'gradInput'; x: Float32Array; dy: Float32Array; gi: Float32Array; c: number; s: number; p: GradInputParams }
-    | { op: 'trainForward'; x: Float32Array; y: Float32Array; c: number; s: number; k: Float64Array; p: TrainForwardParams; count: number }
-    | { op: 'backward'; x: Float32Array; dy: Float32Array; gi: Float32Array; c: number; s: number; p: BackwardParams }
-  );
-
-/** Runs this thread's share of a task; WORKER_SOURCE's `run` is its twin in the workers. */
-function run(simd: SimdLoops | null, t: Task): Float64Array[] | Float64Array | null {
-  switch (t.op) {
-    case 'stats':
-      statsChunks(simd, t.x, t.c, t.s, t.units, t.chunks, t.k, t.partials, t.sync);
-      return null;
-    case 'normalize':
-      normalizeChunks(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.scale, t.p.shift, t.sync, 0);
-      return null;
-    case 'gradSums':
-      gradSumsChunks(simd, t.x, t.dy, t.c, t.s, t.units, t.chunks, t.mean, t.partials, t.sync);
-      return null;
-    case 'gradInput':
-      gradInputChunks(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.a, t.p.b, t.p.k, t.sync, 0);
-      return null;
-    case 'trainForward':
-      return trainForwardShare(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.k, t.p.weight, t.p.bias, t.p.eps, t.count, t.partials, t.sync);
-    case 'backward': {
-      const p = t.p;
-      return backwardShare(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, p.mean, p.invstd, p.weight, p.batchStats, p.count, t.partials, t.sync);
-    }
-  }
-}
-
 /** The slot that counts a task's last chunks done. */
 const lastDone = (op: Task['op']) => (op === 'trainForward' || op === 'backward' ? DONE_2 : DONE);
 
 /**
- * The worker threads' program: the loops, as source, and `run`. A worker answers nothing on
+ * The worker threads' program: the loops and runShare, as source. A worker answers nothing on
  * success (the calling thread counts chunks done); on failure it marks the pass failed. A
  * `{ simd }` message hands it the compiled SIMD loops, which it instantiates for itself.
  */
 const WORKER_SOURCE = `'use strict';
 ${[statsUnits, normalizeUnits, gradSumsUnits, gradInputUnits, simdRange, statsRange, gradSumsRange, normalizeRange, gradInputRange,
-  chunkStart, waitFor, failPass, chunkDone, addRows, statsChunks, gradSumsChunks, normalizeChunks, gradInputChunks, trainForwardShare,
-  backwardShare].map((f) => f.toString()).join('\n')}
+  chunkStart, waitFor, failPass, chunkDone, addRows, takeChunks, sumChunks, statsChunks, gradSumsChunks, normalizeChunks,
+  gradInputChunks, meanAndM2, trainForwardShare, backwardShare, runShare].map((f) => f.toString()).join('\n')}
 let SIMD = null;
-function run(simd, t) {
-  switch (t.op) {
-    case 'stats': return statsChunks(simd, t.x, t.c, t.s, t.units, t.chunks, t.k, t.partials, t.sync);
-    case 'normalize': return normalizeChunks(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.scale, t.p.shift, t.sync, 0);
-    case 'gradSums': return gradSumsChunks(simd, t.x, t.dy, t.c, t.s, t.units, t.chunks, t.mean, t.partials, t.sync);
-    case 'gradInput': return gradInputChunks(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.a, t.p.b, t.p.k, t.sync, 0);
-    case 'trainForward': return trainForwardShare(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.k, t.p.weight, t.p.bias, t.p.eps, t.count, t.partials, t.sync);
-    case 'backward': { const p = t.p; return backwardShare(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, p.mean, p.invstd, p.weight, p.batchStats, p.count, t.partials, t.sync); }
-    default: throw new Error('unknown task ' + t.op);
-  }
-}
 require('node:worker_threads').parentPort.on('message', (task) => {
   if (task.simd) {
     const instance = new WebAssembly.Instance(task.simd, {});
@@ -114,7 +61,7 @@ require('node:worker_threads').parentPort.on('message', (task) => {
     return;
   }
   try {
-    run(SIMD, task);
+    runShare(SIMD, task);
   } catch (err) {
     failPass(task.sync, task.chunks);
     console.error('normserve native worker: ' + String((err && err.stack) || err));
@@ -252,18 +199,10 @@ export class NativeKernels implements Kernels {
 
   async stats(x: Float32Array, layout: Layout): Promise<ChannelStats> {
     const { n, c, s } = layout;
-    const count = n * s;
     const k = shifts(x, layout);
     const xs = this.#shared(x);
-    const acc = this.#run(layout, x.length, (shared) => ({ op: 'stats', x: xs, c, s, k, ...shared })).sums();
-    const mean = new Float64Array(c);
-    const m2 = new Float64Array(c);
-    for (let ch = 0; ch < c; ch++) {
-      const sum = acc[ch]!;
-      mean[ch] = k[ch]! + sum / count;
-      const dev = acc[c + ch]! - (sum * sum) / count;
-      m2[ch] = dev > 0 ? dev : Number.isNaN(dev) ? dev : 0;
-    }
+    const sums = this.#run(layout, x.length, (shared) => ({ op: 'stats', x: xs, c, s, k, ...shared })).sums();
+    const [mean, m2] = meanAndM2(sums, k, c, n * s) as [Float64Array, Float64Array];
     return { mean, m2 };
   }
 
@@ -352,7 +291,7 @@ export class NativeKernels implements Kernels {
     for (let p = 1; p < parts; p++) this.#workers[p - 1]!.postMessage(t);
     let own: Float64Array[] | Float64Array | null;
     try {
-      own = run(this.#simd, t);
+      own = runShare(this.#simd, t);
       waitFor(shared.sync, lastDone(t.op), chunks);
     } catch (err) {
       failPass(shared.sync, chunks);
