@@ -1,5 +1,5 @@
 /** The SQLite store: exact round trips, atomic writes, step retention, and schema versions. */
-import { mkdtempSync } from 'node:fs';
+import { copyFileSync, mkdtempSync, statSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
@@ -68,6 +68,50 @@ describe('SqliteStore', () => {
     await expect(store.write({ modules: [{ name: 'odd', snapshot: m.snapshot() }], steps: [bad] })).rejects.toThrow();
     expect(store.load()).toEqual({ modules: [], steps: [] });
     await store.close();
+  });
+
+  it('commits into a write-ahead log grown to its full size at open, which never grows through the commits that wrap it', async () => {
+    const d = dir();
+    const store = new SqliteStore(d, 3);
+    const wal = join(d, `${DB_FILE}-wal`);
+    const full = statSync(wal).size;
+    // 32-byte header, then (1000 + 64) frames of a 4096-byte page and a 24-byte frame header.
+    expect(full).toBe(32 + 1064 * (4096 + 24));
+    const m = oddModule();
+    // Each commit writes one page; the automatic checkpoint at 1000 frames starts the log over.
+    for (let n = 0n; n < 1500n; n++) {
+      m.update({ training: n % 2n === 0n });
+      await store.write({ modules: [{ name: 'odd', snapshot: m.snapshot() }], steps: [step(n)] });
+      if (n % 250n === 0n) expect(statSync(wal).size).toBe(full);
+    }
+    expect(statSync(wal).size).toBe(full);
+    await store.close();
+    const again = new SqliteStore(d, 3);
+    expect(again.load().modules[0]!.snapshot).toEqual(m.snapshot());
+    expect(again.load().steps.map((s) => s.step)).toEqual([1497n, 1498n, 1499n]);
+    await again.close();
+  });
+
+  it('pads a log left by a crash only past its end: every commit in it is recovered', async () => {
+    // A database written without padding, copied while open: the image a crash leaves behind.
+    const live = dir();
+    const db = new Database(join(live, DB_FILE));
+    db.pragma('journal_mode = WAL');
+    db.pragma('synchronous = FULL');
+    db.exec('CREATE TABLE marker (n INTEGER)');
+    const insert = db.prepare('INSERT INTO marker VALUES (?)');
+    for (let n = 0; n < 40; n++) insert.run(n);
+    const crashed = dir();
+    copyFileSync(join(live, DB_FILE), join(crashed, DB_FILE));
+    copyFileSync(join(live, `${DB_FILE}-wal`), join(crashed, `${DB_FILE}-wal`));
+    const logged = statSync(join(crashed, `${DB_FILE}-wal`)).size;
+    db.close();
+    const store = new SqliteStore(crashed, 3);
+    expect(statSync(join(crashed, `${DB_FILE}-wal`)).size).toBeGreaterThan(logged);
+    await store.close();
+    const check = new Database(join(crashed, DB_FILE), { readonly: true });
+    expect(check.prepare('SELECT count(*) AS c, max(n) AS m FROM marker').get()).toEqual({ c: 40, m: 39 });
+    check.close();
   });
 
   it('creates the schema in a new database and refuses one from a newer normserve', async () => {
