@@ -78,7 +78,12 @@ export function authorize(ctx: Pick<CallContext, 'ownership'>, principal: Princi
  */
 export function admit(
   ctx: CallContext,
-  call: { readonly metadata: Metadata; getDeadline(): Deadline; once(event: 'cancelled', listener: () => void): unknown },
+  call: {
+    readonly metadata: Metadata;
+    getDeadline(): Deadline;
+    once(event: 'cancelled', listener: () => void): unknown;
+    removeListener(event: 'cancelled', listener: () => void): unknown;
+  },
   check: (principal: Principal) => void = () => {},
 ): Admission {
   if (ctx.draining()) throw bnError('BN_ERR_SHUTTING_DOWN', {});
@@ -88,7 +93,10 @@ export function admit(
     throw bnError('BN_ERR_TOO_MANY_CALLS', { count: ctx.inFlight.count, where: 'being handled', limit: `max_calls=${ctx.maxCalls}` });
   }
   const cancel = new AbortController();
-  call.once('cancelled', () => cancel.abort());
+  // grpc-js emits 'cancelled' when any call's stream closes, also after its status went out; an
+  // abort then would only build an AbortError (a DOMException, tens of µs) that nobody reads.
+  const onCancel = () => cancel.abort();
+  call.once('cancelled', onCancel);
   const deadline = call.getDeadline();
   const ms = deadline instanceof Date ? deadline.getTime() - Date.now() : deadline - Date.now();
   const timer = Number.isFinite(ms) ? setTimeout(() => cancel.abort(), Math.max(0, ms)) : undefined;
@@ -101,6 +109,7 @@ export function admit(
       if (ended) return;
       ended = true;
       clearTimeout(timer);
+      call.removeListener('cancelled', onCancel);
       ctx.inFlight.count--;
     },
   };
