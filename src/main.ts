@@ -23,7 +23,9 @@ async function main(): Promise<void> {
     process.stdout.write(`${HELP}\n`);
     return;
   }
-  const logger = pino({ level: config.logLevel, base: { service: 'normserve' } });
+  // Asynchronous: the call log's line per call is written off the calling path (pino flushes what
+  // is buffered when the process exits, fatal errors included).
+  const logger = pino({ level: config.logLevel, base: { service: 'normserve' } }, pino.destination({ dest: 1, sync: false }));
   process.on('uncaughtException', (err) => {
     logger.fatal({ err }, 'uncaught exception');
     process.exit(1);
