@@ -124,7 +124,7 @@ export const SETTINGS = {
     env: 'NORMSERVE_LOG_LEVEL',
     default: 'info',
     schema: z.enum(LOG_LEVELS),
-    description: `pino log level: ${LOG_LEVELS.join(', ')}. Each call logs one line at info.`,
+    description: `pino log level: ${LOG_LEVELS.join(', ')}. Each call logs one line at info; lines are written in batches, at least every 250 ms, and at exit.`,
   },
   durability: {
     flag: 'durability',
