@@ -48,15 +48,7 @@ async function main(): Promise<void> {
     else logger.info({ backend: a.backend, reason: a.detail }, 'compute backend passed over');
   }
   const server = await startServer(config, { kernels, logger });
-  logger.info({ host: config.host, port: server.port, metrics_port: server.metricsPort, backend: kernels.backend }, 'normserve listening');
-  // Scripts and probes wait for this line: it goes out now, not with the next batch.
-  logger.flush();
-  server.joined.catch(async (err: unknown) => {
-    logger.fatal({ err }, 'cannot join the cluster');
-    await server.shutdown(0).catch(() => undefined);
-    process.exit(1);
-  });
-
+  // Signals are handled before anyone can learn the port: a SIGTERM right after the line drains.
   const stop = (signal: string) => {
     logger.info({ signal, grace_ms: config.shutdownGraceMs }, 'shutting down');
     server.shutdown(config.shutdownGraceMs).then(
@@ -72,6 +64,15 @@ async function main(): Promise<void> {
   };
   process.once('SIGTERM', () => stop('SIGTERM'));
   process.once('SIGINT', () => stop('SIGINT'));
+
+  logger.info({ host: config.host, port: server.port, metrics_port: server.metricsPort, backend: kernels.backend }, 'normserve listening');
+  // Scripts and probes wait for this line: it goes out now, not with the next batch.
+  logger.flush();
+  server.joined.catch(async (err: unknown) => {
+    logger.fatal({ err }, 'cannot join the cluster');
+    await server.shutdown(0).catch(() => undefined);
+    process.exit(1);
+  });
 }
 
 main().catch((err: unknown) => {
