@@ -13,11 +13,11 @@ import { BatchNorm } from '../src/nn/batch-norm.js';
 import { resolveConfig } from '../src/nn/config.js';
 import { SqliteStore } from '../src/store/sqlite-store.js';
 import { startServerProcess } from './server-process.js';
+import { median } from './median.js';
 
 const CALLS = 600;
 const WARMUP = 50;
 const log = (text: string) => process.stderr.write(`${text}\n`);
-const median = (a: number[]) => [...a].sort((x, y) => x - y)[a.length >> 1]!;
 
 async function server(args: string[]) {
   const { child, address } = await startServerProcess(['--backend', 'reference', ...args]);

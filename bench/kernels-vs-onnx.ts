@@ -19,6 +19,7 @@ import { backward, BatchNorm } from '../src/nn/batch-norm.js';
 import { resolveConfig } from '../src/nn/config.js';
 import { fill } from './fill.js';
 import { batchNormBackwardModel, batchNormForwardModel, channelShape } from './onnx-model.js';
+import { median } from './median.js';
 
 const { values: args } = parseArgs({ options: { rounds: { type: 'string', default: '300' }, shapes: { type: 'string', default: '8x256x14x14,256x1024' } }, strict: true });
 const ROUNDS = Number(args.rounds);
@@ -32,7 +33,6 @@ const BLOCK = 20;
 const SETTLE = 3;
 const SHAPES = args.shapes!.split(',').map((s) => s.split('x').map(Number));
 const log = (text: string) => process.stderr.write(`${text}\n`);
-const median = (values: readonly number[]) => [...values].sort((a, b) => a - b)[values.length >> 1]!;
 const elements = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
 
 interface Row {

@@ -54,6 +54,7 @@ import { loadEchoService } from './echo-server.js';
 import { fill } from './fill.js';
 import { batchNormBackwardModel, batchNormForwardModel, channelShape } from './onnx-model.js';
 import { startServerProcess } from './server-process.js';
+import { median } from './median.js';
 
 // ---- What runs ----------------------------------------------------------------------------
 
@@ -116,7 +117,6 @@ function selectShapes(filter: string | undefined): ShapeSpec[] {
 const log = (text: string) => process.stderr.write(`${text}\n`);
 const elements = (shape: readonly number[]) => shape.reduce((a, b) => a * b, 1);
 const round = (value: number, digits: number) => Math.round(value * 10 ** digits) / 10 ** digits;
-const median = (values: readonly number[]) => [...values].sort((a, b) => a - b)[values.length >> 1]!;
 
 /** The input of every runner: 3 ± 2 (a mean well away from 0, as in real activations). */
 const inputInto = (target: Float32Array) => fill(target, 12345, 3, 2);

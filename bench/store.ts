@@ -25,10 +25,10 @@ import { NormserveClient, type TensorData } from '../src/client/client.js';
 import { SLOTS } from '../src/cluster/slots.js';
 import { startEtcd, type EtcdServer } from './etcd-process.js';
 import { startServerProcess, type ServerProcess } from './server-process.js';
+import { median } from './median.js';
 
 const QUICK = process.argv.includes('--quick');
 const log = (text: string) => process.stderr.write(`${text}\n`);
-const median = (a: number[]) => [...a].sort((x, y) => x - y)[a.length >> 1]!;
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
 const SHAPES = [

@@ -452,7 +452,7 @@ export class BatchNorm {
   async normalize(x: Float32Array, layout: Layout, mean: Float64Array, invstd: Float64Array, kernels: Kernels, disposable = false): Promise<Float32Array> {
     const scale = this.#scale(invstd);
     const shift = this.#affine('bias', layout.c);
-    const into = disposable && scale.every((v) => Number.isFinite(Math.fround(v))) ? x : undefined;
+    const into = disposable && scale.every(finiteInFloat32) ? x : undefined;
     const y = await kernels.normalize(x, layout, { mean, scale, shift }, into);
     applyNonFiniteScale(x, y, layout, mean, scale, shift);
     return y;
@@ -502,6 +502,9 @@ export class BatchNorm {
   }
 }
 
+/** Whether a scale stays finite once the kernels round it to float32. */
+const finiteInFloat32 = (v: number): boolean => Number.isFinite(Math.fround(v));
+
 /**
  * PyTorch's CPU kernel computes y = x * a + b' with a = invstd * w and b' = b - mean * a. The two
  * forms agree whenever `a` is finite; when it is not (eval with running_var + eps == 0), this
@@ -516,8 +519,8 @@ function applyNonFiniteScale(
   shift: Float64Array,
 ): void {
   for (let ch = 0; ch < c; ch++) {
+    if (finiteInFloat32(scale[ch]!)) continue;
     const a = Math.fround(scale[ch]!);
-    if (Number.isFinite(a)) continue;
     const b = Math.fround(shift[ch]! - Math.fround(mean[ch]!) * a);
     for (let b0 = 0; b0 < n; b0++) {
       const base = (b0 * c + ch) * s;
@@ -533,7 +536,7 @@ function applyNonFiniteScale(
 function finiteScaleBound(weight: Float64Array, eps: number): boolean {
   if (!(eps > 0)) return false;
   const most = 1 / Math.sqrt(eps);
-  return weight.every((w) => Number.isFinite(Math.fround(Math.abs(w) * most)));
+  return weight.every((w) => finiteInFloat32(Math.abs(w) * most));
 }
 
 /** autograd's check that grad_output has the output's shape. */

@@ -52,12 +52,11 @@ const lastDone = (op: Task['op']) => (op === 'trainForward' || op === 'backward'
 const WORKER_SOURCE = `'use strict';
 ${[statsUnits, normalizeUnits, gradSumsUnits, gradInputUnits, simdRange, statsRange, gradSumsRange, normalizeRange, gradInputRange,
   chunkStart, waitFor, failPass, chunkDone, addRows, takeChunks, sumChunks, statsChunks, gradSumsChunks, normalizeChunks,
-  gradInputChunks, meanAndM2, trainForwardShare, backwardShare, runShare].map((f) => f.toString()).join('\n')}
+  gradInputChunks, meanAndM2, trainForwardShare, backwardShare, runShare, instantiateSimd].map((f) => f.toString()).join('\n')}
 let SIMD = null;
 require('node:worker_threads').parentPort.on('message', (task) => {
   if (task.simd) {
-    const instance = new WebAssembly.Instance(task.simd, {});
-    SIMD = { exports: instance.exports, memory: instance.exports.memory };
+    SIMD = instantiateSimd(task.simd);
     return;
   }
   try {
@@ -163,8 +162,13 @@ export class NativeKernels implements Kernels {
 
   /** HEAD_ROOM for a tensor `allocate` made (at the start of its own buffer), else 0. */
   headRoom(tensor: Float32Array): number {
+    return this.#allocated(tensor) ? HEAD_ROOM : 0;
+  }
+
+  /** Whether `tensor` is the whole of a shared buffer `allocate` made. */
+  #allocated(tensor: Float32Array): boolean {
     const buffer = tensor.buffer;
-    return buffer instanceof SharedArrayBuffer && this.#roomy.has(buffer) && tensor.byteOffset === HEAD_ROOM ? HEAD_ROOM : 0;
+    return buffer instanceof SharedArrayBuffer && this.#roomy.has(buffer) && tensor.byteOffset === HEAD_ROOM && HEAD_ROOM + tensor.byteLength === buffer.byteLength;
   }
 
   /**
@@ -172,13 +176,12 @@ export class NativeKernels implements Kernels {
    * `allocate` of the same length. Anything else is left to the garbage collector.
    */
   release(tensor: Float32Array): void {
-    const buffer = tensor.buffer;
-    if (!(buffer instanceof SharedArrayBuffer) || this.#pooled.has(buffer) || tensor.byteOffset !== HEAD_ROOM || HEAD_ROOM + tensor.byteLength !== buffer.byteLength) return;
+    if (!this.#allocated(tensor) || this.#pooled.has(tensor.buffer as SharedArrayBuffer)) return;
     if (tensor.byteLength > this.#poolBytes || this.#disposed) return;
     let list = this.#free.get(tensor.length);
     if (!list) this.#free.set(tensor.length, (list = []));
     list.push(tensor);
-    this.#pooled.add(buffer);
+    this.#pooled.add(tensor.buffer as SharedArrayBuffer);
     this.#freeBytes += tensor.byteLength;
     // Over the budget: drop the oldest lengths' buffers first.
     for (const [length, buffers] of this.#free) {
@@ -217,8 +220,7 @@ export class NativeKernels implements Kernels {
     const c = layout.c;
     const xs = this.#shared(x);
     const dys = this.#shared(dy);
-    const acc = this.#run(layout, x.length, (shared) => ({ op: 'gradSums', x: xs, dy: dys, c, s: layout.s, mean, ...shared })).sums();
-    return { sumDy: acc.slice(0, c), sumDyXmu: acc.slice(c) };
+    return gradSumsOf(this.#run(layout, x.length, (shared) => ({ op: 'gradSums', x: xs, dy: dys, c, s: layout.s, mean, ...shared })).sums(), c);
   }
 
   async gradInput(x: Float32Array, dy: Float32Array, layout: Layout, p: GradInputParams, out?: Float32Array): Promise<Float32Array> {
@@ -244,7 +246,7 @@ export class NativeKernels implements Kernels {
     const xs = this.#shared(x);
     const dys = this.#shared(dy);
     const total = this.#run(layout, x.length, (shared) => ({ op: 'backward', x: xs, dy: dys, gi, c, s: layout.s, p, ...shared })).own as Float64Array;
-    return { sums: { sumDy: total.slice(0, c), sumDyXmu: total.slice(c) }, gradInput: gi };
+    return { sums: gradSumsOf(total, c), gradInput: gi };
   }
 
   async dispose(): Promise<void> {
@@ -323,6 +325,9 @@ export class NativeKernels implements Kernels {
     return worker;
   }
 }
+
+/** Backward's sums as the passes leave them: Σ dy for each channel, then Σ dy·(x − mean). */
+const gradSumsOf = (total: Float64Array, c: number): GradSums => ({ sumDy: total.slice(0, c), sumDyXmu: total.slice(c) });
 
 /** Each channel's first value, the shift of its sums (a non-finite one would make every difference NaN). */
 function shifts(x: Float32Array, { c, s }: Layout): Float64Array {

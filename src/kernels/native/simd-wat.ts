@@ -70,6 +70,12 @@ const channelValue = (name: string, ptr: string) =>
 const addLanes = (slot: string, a0: string, loV: string, hiV: string) =>
   `(f64.store ${slot} (f64.add (f64.add (f64.add (f64.load ${slot}) ${a0}) ${lane(loV, 1)}) (f64.add ${lane(hiV, 0)} ${lane(hiV, 1)})))`;
 
+/** After a row: its two sums (a, q) added into the chunk's slots of its channel, a at ch, q at c + ch. */
+const ADD_ROW_SUMS = `(local.set $at (i32.add (local.get $pacc) (i32.shl (local.get $ch) (i32.const 3))))
+      ${addLanes('(local.get $at)', lane('(local.get $alo)', 0), '(local.get $alo)', '(local.get $ahi)')}
+      (local.set $at (i32.add (local.get $at) (i32.shl (local.get $c) (i32.const 3))))
+      ${addLanes('(local.get $at)', lane('(local.get $qlo)', 0), '(local.get $qlo)', '(local.get $qhi)')}`;
+
 const statsRows = `
   (func (export "stats_rows") (param $px i32) (param $s i32) (param $rows i32) (param $ch i32) (param $c i32) (param $pk i32) (param $pacc i32)
     ${ROW_LOCALS}
@@ -87,10 +93,7 @@ const statsRows = `
       `(local.set $d (f64.sub ${f32('(local.get $p)')} (local.get $m)))
         (local.set $alo (f64x2.replace_lane 0 (local.get $alo) (f64.add ${lane('(local.get $alo)', 0)} (local.get $d))))
         (local.set $qlo (f64x2.replace_lane 0 (local.get $qlo) (f64.add ${lane('(local.get $qlo)', 0)} (f64.mul (local.get $d) (local.get $d)))))`,
-      `(local.set $at (i32.add (local.get $pacc) (i32.shl (local.get $ch) (i32.const 3))))
-      ${addLanes('(local.get $at)', lane('(local.get $alo)', 0), '(local.get $alo)', '(local.get $ahi)')}
-      (local.set $at (i32.add (local.get $at) (i32.shl (local.get $c) (i32.const 3))))
-      ${addLanes('(local.get $at)', lane('(local.get $qlo)', 0), '(local.get $qlo)', '(local.get $qhi)')}`,
+      ADD_ROW_SUMS,
     )})`;
 
 const gradSumsRows = `
@@ -113,10 +116,7 @@ const gradSumsRows = `
         (local.set $alo (f64x2.replace_lane 0 (local.get $alo) (f64.add ${lane('(local.get $alo)', 0)} (local.get $d))))
         (local.set $qlo (f64x2.replace_lane 0 (local.get $qlo)
           (f64.add ${lane('(local.get $qlo)', 0)} (f64.mul (local.get $d) (f64.sub ${f32('(local.get $p)')} (local.get $m))))))`,
-      `(local.set $at (i32.add (local.get $pacc) (i32.shl (local.get $ch) (i32.const 3))))
-      ${addLanes('(local.get $at)', lane('(local.get $alo)', 0), '(local.get $alo)', '(local.get $ahi)')}
-      (local.set $at (i32.add (local.get $at) (i32.shl (local.get $c) (i32.const 3))))
-      ${addLanes('(local.get $at)', lane('(local.get $qlo)', 0), '(local.get $qlo)', '(local.get $qhi)')}`,
+      ADD_ROW_SUMS,
     )})`;
 
 const normalizeRows = `

@@ -24,7 +24,7 @@ export function simdModule(): Promise<WebAssembly.Module | null> {
   return assembled;
 }
 
-/** One thread's instance, with a memory of its own. */
+/** One thread's instance, with a memory of its own. The workers run it as source too (native-kernels.ts): self-contained. */
 export function instantiateSimd(module: WebAssembly.Module): SimdLoops {
   const instance = new WebAssembly.Instance(module, {});
   return { exports: instance.exports as unknown as SimdLoops['exports'], memory: instance.exports.memory as WebAssembly.Memory };
