@@ -129,16 +129,17 @@ export const SETTINGS = {
   durability: {
     flag: 'durability',
     env: 'NORMSERVE_DURABILITY',
-    default: 'strict' as 'strict' | 'relaxed',
-    schema: z.enum(['strict', 'relaxed']),
-    description: 'strict: every change is in the store before its call is answered. relaxed (sqlite only): changes are written every --checkpoint-ms; a crash loses at most that interval.',
+    default: 'strict' as 'strict' | 'process' | 'relaxed',
+    schema: z.enum(['strict', 'process', 'relaxed']),
+    description:
+      'strict: every change is on disk before its call is answered. process (sqlite only): every change is written before its call is answered and synced to disk every --checkpoint-ms; the death of the process loses nothing, a crash of the machine at most that interval. relaxed (sqlite only): changes are written every --checkpoint-ms; a crash of the process loses at most that interval.',
   },
   checkpointMs: {
     flag: 'checkpoint-ms',
     env: 'NORMSERVE_CHECKPOINT_MS',
     default: 1000,
     schema: int(10, 3_600_000),
-    description: 'With --durability relaxed, how often changes are written.',
+    description: 'With --durability relaxed, how often changes are written; with process, how often written changes are synced to disk.',
   },
   maxMessageBytes: {
     flag: 'max-message-bytes',
@@ -317,8 +318,8 @@ export function loadConfig(argv: readonly string[], env: NodeJS.ProcessEnv): Con
 
 /** The rules across settings: etcd keeps every change before it is answered. */
 function checkAcross(config: Pick<Config, 'store' | 'durability'>): void {
-  if (parseStore(config.store).kind === 'etcd' && config.durability === 'relaxed') {
-    throw new ConfigError('--durability relaxed is for an sqlite store; with etcd every change is committed before its call is answered');
+  if (parseStore(config.store).kind === 'etcd' && config.durability !== 'strict') {
+    throw new ConfigError(`--durability ${config.durability} is for an sqlite store; with etcd every change is committed before its call is answered`);
   }
 }
 

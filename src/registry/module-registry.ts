@@ -174,7 +174,7 @@ export class ModuleRegistry {
       this.#settleDoubt(name, entry);
       const module = entry.module;
       const generation = module.generation;
-      const before = this.persistence.strict ? module.snapshot() : undefined;
+      const before = this.persistence.writesThrough ? module.snapshot() : undefined;
       const save = async (step?: StepRecord) => {
         if (module.generation === generation && !step) return;
         try {

@@ -47,6 +47,12 @@ export class Metrics {
     buckets: LATENCY_BUCKETS,
     registers: [this.registry],
   });
+  readonly #storeSyncs = new Histogram({
+    name: 'normserve_store_sync_seconds',
+    help: 'With --durability process: time to sync the written changes to disk, every --checkpoint-ms',
+    buckets: LATENCY_BUCKETS,
+    registers: [this.registry],
+  });
   readonly #contextsDropped = new Counter({
     name: 'normserve_saved_contexts_dropped_total',
     help: 'Saved forwards dropped before their backward, by reason',
@@ -84,6 +90,10 @@ export class Metrics {
 
   observeStoreWrite(seconds: number): void {
     this.#storeWrites.observe(seconds);
+  }
+
+  observeStoreSync(seconds: number): void {
+    this.#storeSyncs.observe(seconds);
   }
 
   contextDropped(reason: string): void {

@@ -132,7 +132,7 @@ export async function startServer(
   // reported once every module is back). etcd: the replica joins the cluster once its port is
   // bound, and takes its slots' modules from etcd as it comes to own them.
   const spec = parseStore(config.store);
-  const sqlite = spec.kind === 'sqlite' ? new SqliteStore(spec.dir, config.stepResultsKept) : undefined;
+  const sqlite = spec.kind === 'sqlite' ? new SqliteStore(spec.dir, config.stepResultsKept, { syncEachCommit: config.durability !== 'process' }) : undefined;
   const member = `${hostname()}-${randomBytes(4).toString('hex')}`;
   let cluster: EtcdCluster | undefined;
   let store: Store;
@@ -155,6 +155,7 @@ export async function startServer(
     checkpointMs: config.checkpointMs,
     logger,
     onWrite: (seconds) => metrics.observeStoreWrite(seconds),
+    onSync: (seconds) => metrics.observeStoreSync(seconds),
   });
   const ownership = cluster;
   registry = new ModuleRegistry(config.maxModules, persistence, { maxQueued: config.maxCallsPerModule, ...(ownership && { guard: (name: string) => ownership.check(name) }) });

@@ -1,6 +1,9 @@
 /**
  * The embedded store: one SQLite database (better-sqlite3) in the data directory, in WAL mode with
- * synchronous=FULL, so that a committed transaction survives a process crash and a power loss.
+ * synchronous=FULL, so that a committed transaction survives a process crash and a power loss; or,
+ * with `syncEachCommit: false`, synchronous=NORMAL: a commit is written to the log (so it survives
+ * the process's death: the operating system holds it) and reaches the disk when `sync` (or SQLite's
+ * own checkpoint) flushes the log, as MySQL's innodb_flush_log_at_trx_commit = 2 does.
  * The schema is versioned with PRAGMA user_version; opening a database applies the migrations it
  * lacks, in one transaction, and refuses a database from a newer normserve.
  *
@@ -12,7 +15,7 @@
  * about a thousand commits. SQLite reads a log up to its first frame without a valid checksum, so
  * zeros past the end are what a log that has wrapped holds anyway.
  */
-import { closeSync, fstatSync, fsyncSync, mkdirSync, openSync, writeSync } from 'node:fs';
+import { closeSync, fstatSync, fsync, fsyncSync, mkdirSync, openSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import type { ModuleSnapshot } from '../nn/batch-norm.js';
@@ -86,17 +89,28 @@ export class SqliteStore implements Store {
   readonly #insertStep: Database.Statement;
   readonly #trimSteps: Database.Statement;
   readonly #write: (changes: Changes) => void;
+  readonly #walPath: string;
+  /** The write-ahead log, opened for `sync` (the first time it is needed). */
+  #walFd: number | undefined;
 
-  /** Opens (creating when needed) the database in `dir`, keeping `keepSteps` steps per group and phase. */
-  constructor(dir: string, private readonly keepSteps: number) {
+  /**
+   * Opens (creating when needed) the database in `dir`, keeping `keepSteps` steps per group and
+   * phase; with `syncEachCommit` false, commits are not synced one by one (see `sync`).
+   */
+  constructor(
+    dir: string,
+    private readonly keepSteps: number,
+    { syncEachCommit = true }: { syncEachCommit?: boolean } = {},
+  ) {
     mkdirSync(dir, { recursive: true });
     this.location = join(dir, DB_FILE);
+    this.#walPath = `${this.location}-wal`;
     this.#db = new Database(this.location);
     this.#db.pragma('journal_mode = WAL');
-    this.#db.pragma('synchronous = FULL');
+    this.#db.pragma(syncEachCommit ? 'synchronous = FULL' : 'synchronous = NORMAL');
     this.#db.pragma('busy_timeout = 5000');
     migrate(this.#db);
-    preallocateWal(this.#db, `${this.location}-wal`, dir);
+    preallocateWal(this.#db, this.#walPath, dir);
     this.#upsert = this.#db.prepare(
       `INSERT INTO modules (name, config, training, track_running_stats, eps, momentum, weight, bias, running_mean, running_var, num_batches_tracked, updated_at)
        VALUES (@name, @config, @training, @track, @eps, @momentum, @weight, @bias, @running_mean, @running_var, @nbt, @updated_at)
@@ -167,12 +181,25 @@ export class SqliteStore implements Store {
     return { modules, steps };
   }
 
-  /** One SQLite transaction, committed (and synced) before the promise settles. */
+  /** One SQLite transaction, committed (and, with syncEachCommit, synced) before the promise settles. */
   async write(changes: Changes): Promise<void> {
     this.#write(changes);
   }
 
+  /**
+   * Flushes the write-ahead log to disk: every commit made before the call is durable once the
+   * promise settles. The fsync runs on libuv's threads; commits go on meanwhile (SQLite writes the
+   * log through its own descriptor, and an fsync flushes the file, whichever descriptor asks).
+   */
+  sync(): Promise<void> {
+    this.#walFd ??= openSync(this.#walPath, 'r');
+    const fd = this.#walFd;
+    return new Promise((resolve, reject) => fsync(fd, (err) => (err ? reject(err) : resolve())));
+  }
+
   async close(): Promise<void> {
+    if (this.#walFd !== undefined) closeSync(this.#walFd);
+    this.#walFd = undefined;
     if (this.#db.open) this.#db.close();
   }
 }

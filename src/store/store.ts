@@ -41,6 +41,11 @@ export interface Store {
    * store did not say whether they were, and with any other error as "not made".
    */
   write(changes: Changes): Promise<void>;
+  /**
+   * For a store whose writes reach the operating system only (SqliteStore without syncEachCommit):
+   * resolves once every write made before the call is on disk.
+   */
+  sync?(): Promise<void>;
   close(): Promise<void>;
 }
 

@@ -1,8 +1,11 @@
 /**
- * The crash harness. The real server runs as a child process (strict durability, the reference
- * kernels so that a replay is exact) while clients drive training forwards, flag changes, loads
- * and resets on two modules and GatherStats steps on a two-rank group. At a seeded random moment
- * the server is killed with SIGKILL, then restarted on the same data directory, 24 times.
+ * The crash harness. The real server runs as a child process (the reference kernels, so that a
+ * replay is exact) while clients drive training forwards, flag changes, loads and resets on two
+ * modules and GatherStats steps on a two-rank group. At a seeded random moment the server is
+ * killed with SIGKILL, then restarted on the same data directory, 24 times: with strict
+ * durability, and with process durability (changes written before their answer and synced to disk
+ * every --checkpoint-ms: the death of the process, which is what SIGKILL is, must lose nothing;
+ * the interval is an hour here, so no periodic sync happens).
  *
  * After each restart: every module equals, bit for bit, a replay of the calls that were
  * acknowledged, with or without the one call that was in flight (which may have been committed
@@ -92,11 +95,10 @@ interface Server {
   ranks: NormserveClient[];
 }
 
-const dataDir = mkdtempSync(join(tmpdir(), 'normserve-crash-'));
 let server: Server | undefined;
 
-async function start(): Promise<Server> {
-  const { child, address } = await startServerProcess(['--backend', 'reference'], dataDir);
+async function startIn(dataDir: string, durability: string): Promise<Server> {
+  const { child, address } = await startServerProcess(['--backend', 'reference', '--durability', durability, '--checkpoint-ms', '3600000'], dataDir);
   return { child, client: new NormserveClient(address), ranks: [new NormserveClient(address), new NormserveClient(address)] };
 }
 
@@ -110,8 +112,10 @@ afterAll(async () => {
   if (server) await kill(server);
 });
 
-describe('SIGKILL at random moments', () => {
+describe.each(['strict', 'process'])('SIGKILL at random moments, %s durability', (durability) => {
   it(`keeps every acknowledged change across ${KILLS} kills`, async () => {
+    const dataDir = mkdtempSync(join(tmpdir(), `normserve-crash-${durability}-`));
+    const start = () => startIn(dataDir, durability);
     const rand = random(SEED);
     const modules: Tracked[] = [
       { name: 'crash/bn2d', spec: { kind: 'BATCH_NORM_2D', numFeatures: 3n, cumulativeAverage: false, momentum: 0.3 }, shape: [4, 3, 2, 2], acked: [] },
@@ -219,6 +223,8 @@ describe('SIGKILL at random moments', () => {
     // The workload really ran: many acknowledged calls, and kills landed mid-work.
     expect(modules.reduce((n, t) => n + t.acked.length, 0)).toBeGreaterThan(KILLS * 5);
     expect(committedSteps).toBeGreaterThan(KILLS);
+    await kill(server);
+    server = undefined;
   }, 180_000);
 });
 

@@ -429,10 +429,13 @@ describe('etcd itself unavailable', () => {
 });
 
 describe('the command line with an etcd store', () => {
-  it('refuses relaxed durability, a malformed store, and a prefix that holds another format', async () => {
+  it('refuses relaxed and process durability, a malformed store, and a prefix that holds another format', async () => {
     const relaxed = await runNode('dist/src/main.js', ['--store', `etcd://${etcd.endpoint}`, '--durability', 'relaxed']);
     expect(relaxed.code).toBe(2);
     expect(relaxed.stderr).toContain('--durability relaxed is for an sqlite store');
+    const process = await runNode('dist/src/main.js', ['--store', `etcd://${etcd.endpoint}`, '--durability', 'process']);
+    expect(process.code).toBe(2);
+    expect(process.stderr).toContain('--durability process is for an sqlite store');
     const bad = await runNode('dist/src/main.js', ['--store', 'etcd://no-port']);
     expect(bad.code).toBe(2);
     expect(bad.stderr).toContain('use sqlite:DIR or etcd://HOST:PORT[,HOST:PORT...][/PREFIX]');

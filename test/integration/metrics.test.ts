@@ -90,6 +90,35 @@ describe('metrics', () => {
     expect(value(text, 'normserve_kernel_seconds_count{backend="native",kernel="backward"}')).toBe(1);
   });
 
+  it('time the periodic syncs of process durability, which come only after writes', async () => {
+    const other = await startTestServer({ durability: 'process', checkpointMs: 20 });
+    const c = new NormserveClient(other.address);
+    const at = (text: string) => value(text, 'normserve_store_sync_seconds_count') ?? 0;
+    const scrapeOther = async () => (await fetch(`http://127.0.0.1:${other.running.metricsPort}/metrics`)).text();
+    try {
+      await c.createModule('p', { kind: 'BATCH_NORM_1D', numFeatures: 2 });
+      await c.forward('p', { shape: [3, 2], data: channelData(3, 2, 1, 0, 1) });
+      let text = await scrapeOther();
+      expect(value(text, 'normserve_store_write_seconds_count')).toBe(2);
+      const deadline = Date.now() + 5000;
+      while (at(text) === 0 && Date.now() < deadline) {
+        await new Promise((r) => setTimeout(r, 20));
+        text = await scrapeOther();
+      }
+      expect(at(text)).toBeGreaterThanOrEqual(1);
+      // At most one more (the two writes may straddle an interval); after that, with nothing
+      // written, the count stays.
+      await new Promise((r) => setTimeout(r, 100));
+      const synced = at(await scrapeOther());
+      expect(synced).toBeLessThanOrEqual(2);
+      await new Promise((r) => setTimeout(r, 150));
+      expect(at(await scrapeOther())).toBe(synced);
+    } finally {
+      c.close();
+      await other.stop();
+    }
+  });
+
   it('show pending group steps and waiting calls, back to zero when the step completes', async () => {
     await client.createModule('g', { kind: 'SYNC_BATCH_NORM', numFeatures: 2, worldSize: 2 });
     const stats = { count: 2, mean: [0, 0], var: [1, 1] };

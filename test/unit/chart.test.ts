@@ -273,6 +273,7 @@ describe('the chart', () => {
       [{ 'store.type': 'etcd' }, 'store.type etcd needs an etcd: list its client endpoints (host:2379) in etcd.endpoints, or set etcd.bundled.enabled'],
       [{ ...etcd, 'etcd.bundled.enabled': true }, 'store.type etcd takes etcd.endpoints or etcd.bundled.enabled, not both'],
       [{ ...etcd, 'config.durability': 'relaxed' }, 'config.durability relaxed is for store.type sqlite'],
+      [{ ...etcd, 'config.durability': 'process' }, 'config.durability process is for store.type sqlite'],
       [{ 'store.type': 'etcd', 'etcd.bundled.enabled': true, 'etcd.bundled.replicas': 4 }, "at '/etcd/bundled/replicas': must be equal to one of the allowed values"],
       [{ 'store.type': 'redis' }, '/store/type'],
       [{ 'etcd.endpoints': ['http://etcd:2379'] }, '/etcd/endpoints/0'],

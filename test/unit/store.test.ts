@@ -9,6 +9,8 @@ import { resolveConfig } from '../../src/nn/config.js';
 import { DB_FILE, SCHEMA_VERSION, SqliteStore, StoreError } from '../../src/store/sqlite-store.js';
 import type { StepRecord } from '../../src/store/store.js';
 import { memoryPersistence, MemoryStore } from '../support/memory-store.js';
+import { pino } from 'pino';
+import { Persistence } from '../../src/store/persistence.js';
 import { ModuleRegistry } from '../../src/registry/module-registry.js';
 
 const dir = () => mkdtempSync(join(tmpdir(), 'normserve-store-'));
@@ -114,6 +116,25 @@ describe('SqliteStore', () => {
     check.close();
   });
 
+  it('without syncEachCommit, commits to the log unsynced (a second connection reads them at once) and syncs on demand', async () => {
+    const d = dir();
+    const store = new SqliteStore(d, 3, { syncEachCommit: false });
+    const m = oddModule();
+    await store.write({ modules: [{ name: 'm', snapshot: m.snapshot() }] });
+    // Written through to the operating system before the promise settled: another process (here,
+    // another connection) sees it with no sync at all.
+    const other = new Database(join(d, DB_FILE), { readonly: true });
+    expect(other.prepare('SELECT num_batches_tracked AS n FROM modules WHERE name = ?').safeIntegers(true).get('m')).toEqual({ n: 2n ** 62n + 5n });
+    other.close();
+    await store.sync();
+    await store.write({ deleted: ['m'] });
+    await Promise.all([store.sync(), store.sync()]);
+    await store.close();
+    const again = new SqliteStore(d, 3);
+    expect(again.load().modules).toEqual([]);
+    await again.close();
+  });
+
   it('creates the schema in a new database and refuses one from a newer normserve', async () => {
     const d = dir();
     await new SqliteStore(d, 1).close();
@@ -154,5 +175,64 @@ describe('ModuleRegistry with a store', () => {
     store.failNext = true;
     await expect(r.create('b', config)).rejects.toThrow(/disk full/);
     expect(() => r.get('b')).toThrow(/not found/);
+  });
+});
+
+describe('Persistence with process durability', () => {
+  /** A store that counts syncs, each held until `release` is called. */
+  class SyncingStore extends MemoryStore {
+    syncs = 0;
+    failSync = false;
+    #pending: (() => void)[] = [];
+    sync(): Promise<void> {
+      this.syncs++;
+      if (this.failSync) {
+        this.failSync = false;
+        return Promise.reject(new Error('EIO'));
+      }
+      return new Promise((resolve) => this.#pending.push(resolve));
+    }
+    release(): void {
+      for (const done of this.#pending.splice(0)) done();
+    }
+  }
+  const config = resolveConfig({ kind: 'BATCH_NORM_1D', numFeatures: 2n, cumulativeAverage: false });
+  const tick = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+  it('writes every change before answering, and syncs every interval only after writes, one sync at a time', async () => {
+    const store = new SyncingStore();
+    const persistence = new Persistence(store, { durability: 'process', checkpointMs: 20, logger: pino({ level: 'silent' }) });
+    const r = new ModuleRegistry(10, persistence);
+    await r.create('a', config);
+    await r.exclusive('a', (m) => m.update({ training: false }));
+    // Written at once, as in strict mode.
+    expect(store.writes).toHaveLength(2);
+    await tick(70);
+    // Several intervals passed while the first sync was under way: no second one started.
+    expect(store.syncs).toBe(1);
+    store.release();
+    await tick(70);
+    // Nothing written since that sync began: nothing to sync.
+    expect(store.syncs).toBe(1);
+    await r.exclusive('a', (m) => m.update({ training: true }));
+    await tick(70);
+    expect(store.syncs).toBe(2);
+    store.release();
+    await persistence.close();
+  });
+
+  it('retries a sync that failed at the next interval', async () => {
+    const store = new SyncingStore();
+    const persistence = new Persistence(store, { durability: 'process', checkpointMs: 20, logger: pino({ level: 'silent' }) });
+    store.failSync = true;
+    await new ModuleRegistry(10, persistence).create('a', config);
+    await tick(90);
+    expect(store.syncs).toBe(2);
+    store.release();
+    await persistence.close();
+  });
+
+  it('is refused for a store that cannot sync on demand', () => {
+    expect(() => new Persistence(new MemoryStore(), { durability: 'process', checkpointMs: 20, logger: pino({ level: 'silent' }) })).toThrow(/process' needs a store that syncs on demand/);
   });
 });

@@ -129,8 +129,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and (not .Values.etcd.bundled.enabled) (eq (len .Values.etcd.endpoints) 0) -}}
 {{- fail "store.type etcd needs an etcd: list its client endpoints (host:2379) in etcd.endpoints, or set etcd.bundled.enabled" -}}
 {{- end -}}
-{{- if eq .Values.config.durability "relaxed" -}}
-{{- fail "config.durability relaxed is for store.type sqlite: with etcd every change is committed before its call is answered" -}}
+{{- if ne .Values.config.durability "strict" -}}
+{{- fail (printf "config.durability %s is for store.type sqlite: with etcd every change is committed before its call is answered" .Values.config.durability) -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
