@@ -36,7 +36,8 @@ export interface Store {
   /** Where the data lives, for logs. */
   readonly location: string;
   /**
-   * Applies the changes atomically and resolves once they are durable. It rejects with a
+   * Applies the changes atomically and resolves once they are durable (for a store that does not
+   * sync each write, once the operating system holds them: see `sync`). It rejects with a
    * `StoreRefusal` when the changes were certainly not made, with a `StoreUncertain` when the
    * store did not say whether they were, and with any other error as "not made".
    */
