@@ -1,7 +1,7 @@
 /**
  * `npm run loadtest`: many concurrent clients against one server on loopback, bounded in time and
  * count. Each scenario starts a fresh server (child process, the native backend, strict durability
- * unless --durability relaxed),
+ * unless --durability process or relaxed),
  * then runs two kinds of workers at once:
  *   - model workers, each on its own module: training forward with save_for_backward, backward,
  *     then a state read, in a loop;
@@ -10,7 +10,7 @@
  * server's peak resident memory (VmHWM). Scenarios grow in clients and tensor size to find where
  * the service stops keeping up. Only 127.0.0.1 is ever contacted.
  *
- *   node dist/bench/loadtest.js [--seconds 5] [--max-calls 20000] [--durability strict|relaxed]
+ *   node dist/bench/loadtest.js [--seconds 5] [--max-calls 20000] [--durability strict|process|relaxed]
  */
 import { once } from 'node:events';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
@@ -78,6 +78,10 @@ async function run(clients: number, shape: number[]) {
     }
   };
 
+  // Each client on a connection of its own, as training processes would be. grpc-js otherwise
+  // puts every client of this process on one connection, where two Node.js HTTP/2 peers with large
+  // windows can deadlock once calls move tensors both ways at once (docs/load.md).
+  const own = { channelOptions: { 'grpc.use_local_subchannel_pool': 1 } };
   const pairs = Math.max(1, Math.floor(clients / 4));
   const models = clients - 2 * pairs;
   const admin = new NormserveClient(address);
@@ -88,7 +92,7 @@ async function run(clients: number, shape: number[]) {
   for (let m = 0; m < models; m++) {
     workers.push(
       (async () => {
-        const c = new NormserveClient(address);
+        const c = new NormserveClient(address, own);
         const name = `load/m${m}`;
         while (going()) {
           const f = await timed('Forward', 8 * elements, () => c.forward(name, { shape, data }, { saveForBackward: true }));
@@ -107,7 +111,7 @@ async function run(clients: number, shape: number[]) {
     for (let rank = 0; rank < 2; rank++) {
       workers.push(
         (async () => {
-          const c = new NormserveClient(address);
+          const c = new NormserveClient(address, own);
           for (let step = 0; ; step++) {
             if (!going() && group.stopAt === Number.POSITIVE_INFINITY) group.stopAt = group.started + 1;
             if (step >= group.stopAt) break;
