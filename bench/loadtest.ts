@@ -78,10 +78,8 @@ async function run(clients: number, shape: number[]) {
     }
   };
 
-  // Each client on a connection of its own, as training processes would be. grpc-js otherwise
-  // puts every client of this process on one connection, where two Node.js HTTP/2 peers with large
-  // windows can deadlock once calls move tensors both ways at once (docs/load.md).
-  const own = { channelOptions: { 'grpc.use_local_subchannel_pool': 1 } };
+  // Each NormserveClient has a connection of its own, as training processes would (docs/load.md:
+  // on grpc-js's one shared connection, two Node.js ends with large windows can deadlock).
   const pairs = Math.max(1, Math.floor(clients / 4));
   const models = clients - 2 * pairs;
   const admin = new NormserveClient(address);
@@ -92,7 +90,7 @@ async function run(clients: number, shape: number[]) {
   for (let m = 0; m < models; m++) {
     workers.push(
       (async () => {
-        const c = new NormserveClient(address, own);
+        const c = new NormserveClient(address);
         const name = `load/m${m}`;
         while (going()) {
           const f = await timed('Forward', 8 * elements, () => c.forward(name, { shape, data }, { saveForBackward: true }));
@@ -111,7 +109,7 @@ async function run(clients: number, shape: number[]) {
     for (let rank = 0; rank < 2; rank++) {
       workers.push(
         (async () => {
-          const c = new NormserveClient(address, own);
+          const c = new NormserveClient(address);
           for (let step = 0; ; step++) {
             if (!going() && group.stopAt === Number.POSITIVE_INFINITY) group.stopAt = group.started + 1;
             if (step >= group.stopAt) break;

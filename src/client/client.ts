@@ -125,6 +125,7 @@ export interface ClientOptions {
   credentials?: ChannelCredentials;
   /** Sent as `authorization: Bearer <token>` on every call, for servers with --auth-tokens-file. */
   token?: string;
+  /** grpc-js channel options, over the client's own (its own connection, unlimited messages, the window). */
   channelOptions?: ChannelOptions;
   /** Tensors larger than this many bytes are streamed in chunks (default 32 MiB). */
   streamAboveBytes?: number;
@@ -337,7 +338,10 @@ export class NormserveClient {
     this.#followOwner = options.followOwner ?? true;
     this.#retry = options.retry === false ? { maxAttempts: 1, initialBackoffMs: 0, maxBackoffMs: 0 } : { maxAttempts: 8, initialBackoffMs: 50, maxBackoffMs: 2000, ...options.retry };
     this.#credentials = options.credentials ?? grpcCredentials.createInsecure();
-    this.#channelOptions = { ...clientChannelOptions(options.flowControlWindow), ...options.channelOptions };
+    // A connection of its own per client (grpc-js would put every client of the process on one):
+    // two Node.js ends with 16 MiB windows deadlock when tensors move both ways at once on one
+    // connection (docs/load.md), which clients of one process making calls side by side do.
+    this.#channelOptions = { ...clientChannelOptions(options.flowControlWindow), 'grpc.use_local_subchannel_pool': 1, ...options.channelOptions };
     this.#deadlineMs = options.deadlineMs;
     this.#token = options.token;
     this.#streamAboveBytes = options.streamAboveBytes ?? 32 * 1024 * 1024;

@@ -2,8 +2,10 @@
  * The HTTP/2 windows: the server advertises the configured stream window in its SETTINGS and
  * opens the connection window with a WINDOW_UPDATE (grpc-js 1.14 has no option for either).
  */
+import { readFileSync } from 'node:fs';
 import { connect, type ClientHttp2Session } from 'node:http2';
 import { afterEach, describe, expect, it } from 'vitest';
+import { NormserveClient } from '../../src/client/client.js';
 import type { Config } from '../../src/config.js';
 import { startTestServer, type TestServer } from '../support/server.js';
 
@@ -42,5 +44,29 @@ describe('HTTP/2 flow control', () => {
     const w = await windows({ flowControlWindow: 65_535 });
     expect(w.stream).toBe(65_535);
     expect(w.connection).toBe(65_535);
+  });
+});
+
+/** Established TCP connections on this machine whose remote end is 127.0.0.1:`port` (the clients' ends). */
+function clientConnections(port: number): number {
+  const hexPort = port.toString(16).toUpperCase().padStart(4, '0');
+  return readFileSync('/proc/net/tcp', 'utf8')
+    .split('\n')
+    .slice(1)
+    .map((line) => line.trim().split(/\s+/))
+    .filter((f) => f[2] === `0100007F:${hexPort}` && f[3] === '01').length;
+}
+
+describe('connections', () => {
+  it('gives each NormserveClient a connection of its own (two Node.js ends with large windows deadlock on a shared one)', async () => {
+    server = await startTestServer({});
+    const port = Number(server.address.split(':').pop());
+    const clients = [new NormserveClient(server.address), new NormserveClient(server.address), new NormserveClient(server.address)];
+    try {
+      await Promise.all(clients.map((c) => c.listModules()));
+      expect(clientConnections(port)).toBe(3);
+    } finally {
+      for (const c of clients) c.close();
+    }
   });
 });
