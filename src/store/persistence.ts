@@ -36,20 +36,21 @@ export class Persistence {
   #unsynced = false;
   #syncing: Promise<void> = done;
 
+  /** Whether every change is written before the call that made it is answered (strict and process). */
+  readonly writesThrough: boolean;
+
   constructor(
     private readonly store: Store,
     private readonly opts: PersistenceOptions,
   ) {
     if (opts.durability === 'process' && !store.sync) throw new Error(`durability 'process' needs a store that syncs on demand, and ${store.location} does not`);
-    if (opts.durability !== 'strict') {
-      this.#timer = setInterval(() => void (opts.durability === 'relaxed' ? this.#checkpoint() : this.#sync()), opts.checkpointMs);
+    this.writesThrough = opts.durability !== 'relaxed';
+    // Every interval: relaxed writes what is pending, process syncs what was written.
+    const tick = { strict: undefined, process: () => void this.#sync(), relaxed: () => void this.#checkpoint() }[opts.durability];
+    if (tick) {
+      this.#timer = setInterval(tick, opts.checkpointMs);
       this.#timer.unref();
     }
-  }
-
-  /** Whether every change is written before the call that made it is answered (strict and process). */
-  get writesThrough(): boolean {
-    return this.opts.durability !== 'relaxed';
   }
 
   /**
