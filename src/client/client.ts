@@ -29,6 +29,7 @@ import { encodeTensor } from '../wire/tensor-codec.js';
 import { clientChannelOptions } from '../wire/transport.js';
 import type { SharedMemoryFile } from './shared-memory.js';
 import { RegionPool, type AutoSharedMemory } from './auto-shm.js';
+import { ConnectionPool } from './connection-pool.js';
 
 /** A state_dict; an absent key is one the module does not have (None). */
 export type { ModuleKind, StateDict };
@@ -125,7 +126,7 @@ export interface ClientOptions {
   credentials?: ChannelCredentials;
   /** Sent as `authorization: Bearer <token>` on every call, for servers with --auth-tokens-file. */
   token?: string;
-  /** grpc-js channel options, over the client's own (its own connection, unlimited messages, the window). */
+  /** grpc-js channel options, over the client's own (connections of its own, unlimited messages, the window). */
   channelOptions?: ChannelOptions;
   /** Tensors larger than this many bytes are streamed in chunks (default 32 MiB). */
   streamAboveBytes?: number;
@@ -304,13 +305,15 @@ const SAFE_TO_REPEAT = new Set([
 
 const sleep = (ms: number) => new Promise((resolve) => setTimeout(resolve, ms));
 
-/** The stubs of one replica, sharing one channel. */
+/** The stubs of one connection to a replica, sharing its channel. */
 interface Endpoint {
   readonly modules: BatchNormServiceClient;
   readonly sync: Client;
   readonly health: Client;
 }
 type ServiceKind = keyof Endpoint;
+/** The tensor bytes a call moves each way, which decide whether it shares a connection. */
+type CallBytes = number;
 
 /** Calls that name no module (or name a region): they go to the client's own address. */
 const UNROUTED = new Set(['Check', 'ListModules', 'RegisterRegion', 'UnregisterRegion', 'ListRegions']);
@@ -321,7 +324,7 @@ const MAX_HOPS = 4;
 
 export class NormserveClient {
   readonly #address: string;
-  readonly #endpoints = new Map<string, Endpoint>();
+  readonly #pools = new Map<string, ConnectionPool<Endpoint>>();
   readonly #owners = new Map<string, string>();
   readonly #credentials: ChannelCredentials;
   readonly #channelOptions: ChannelOptions;
@@ -338,9 +341,9 @@ export class NormserveClient {
     this.#followOwner = options.followOwner ?? true;
     this.#retry = options.retry === false ? { maxAttempts: 1, initialBackoffMs: 0, maxBackoffMs: 0 } : { maxAttempts: 8, initialBackoffMs: 50, maxBackoffMs: 2000, ...options.retry };
     this.#credentials = options.credentials ?? grpcCredentials.createInsecure();
-    // A connection of its own per client (grpc-js would put every client of the process on one):
-    // two Node.js ends with 16 MiB windows deadlock when tensors move both ways at once on one
-    // connection (docs/load.md), which clients of one process making calls side by side do.
+    // Connections of its own (grpc-js would put every client of the process on one), and one per
+    // overlapping tensor call (ConnectionPool): two Node.js ends with 16 MiB windows deadlock when
+    // tensors move both ways at once on one connection (docs/load.md).
     this.#channelOptions = { ...clientChannelOptions(options.flowControlWindow), 'grpc.use_local_subchannel_pool': 1, ...options.channelOptions };
     this.#deadlineMs = options.deadlineMs;
     this.#token = options.token;
@@ -351,17 +354,17 @@ export class NormserveClient {
       new RegionPool(
         { aboveBytes: 1024 * 1024, ...options.sharedMemory },
         {
-          register: (at, name, path, byteSize) => this.#callOn(this.#endpoint(at).modules, 'RegisterRegion', { name, path, offset: '0', byte_size: String(byteSize) }, undefined),
-          unregister: (at, name) => this.#callOn(this.#endpoint(at).modules, 'UnregisterRegion', { name }, undefined),
+          register: (at, name, path, byteSize) => this.#onConnection(at, 0, (e) => this.#callOn(e.modules, 'RegisterRegion', { name, path, offset: '0', byte_size: String(byteSize) }, undefined)),
+          unregister: (at, name) => this.#onConnection(at, 0, (e) => this.#callOn(e.modules, 'UnregisterRegion', { name }, undefined)),
         },
       );
-    this.#endpoint(address);
+    this.#pool(address);
   }
 
   /** Closes the channels, after unregistering and removing automatic shared-memory regions. */
   async close(): Promise<void> {
     await this.#regions?.close();
-    for (const e of this.#endpoints.values()) e.modules.close();
+    for (const pool of this.#pools.values()) pool.close();
   }
 
   /** The address the client sends calls on module `name` to: the owner it learnt, or its own. */
@@ -369,19 +372,34 @@ export class NormserveClient {
     return this.#owners.get(name) ?? this.#address;
   }
 
-  #endpoint(address: string): Endpoint {
-    let e = this.#endpoints.get(address);
-    if (!e) {
-      const modules = new grpcObject.normserve.v1.BatchNormService(address, this.#credentials, this.#channelOptions) as unknown as BatchNormServiceClient;
-      const shared = { channelOverride: modules.getChannel() };
-      e = {
-        modules,
-        sync: new grpcObject.normserve.v1.SyncBatchNormService(address, this.#credentials, shared),
-        health: new HealthClient(address, this.#credentials, shared),
-      };
-      this.#endpoints.set(address, e);
+  #pool(address: string): ConnectionPool<Endpoint> {
+    let pool = this.#pools.get(address);
+    if (!pool) {
+      pool = new ConnectionPool<Endpoint>(
+        () => {
+          const modules = new grpcObject.normserve.v1.BatchNormService(address, this.#credentials, this.#channelOptions) as unknown as BatchNormServiceClient;
+          const shared = { channelOverride: modules.getChannel() };
+          return {
+            modules,
+            sync: new grpcObject.normserve.v1.SyncBatchNormService(address, this.#credentials, shared),
+            health: new HealthClient(address, this.#credentials, shared),
+          };
+        },
+        (e) => e.modules.close(),
+      );
+      this.#pools.set(address, pool);
     }
-    return e;
+    return pool;
+  }
+
+  /** Runs `call` on a connection to `address` that can carry `bytes` each way, held until it settles. */
+  async #onConnection<T>(address: string, bytes: CallBytes, call: (endpoint: Endpoint) => Promise<T>): Promise<T> {
+    const lease = this.#pool(address).lease(bytes);
+    try {
+      return await call(lease.stubs);
+    } finally {
+      lease.release();
+    }
   }
 
   /**
@@ -392,12 +410,18 @@ export class NormserveClient {
    * go to the client's own address again. When a call is answered UNAVAILABLE, retries it with
    * backoff as the retry policy says. One deadline covers it all.
    */
-  async #routed<T>(name: string | undefined, method: string, attempt: (endpoint: Endpoint, deadline: number | undefined) => Promise<T>, deadlineMs = this.#deadlineMs): Promise<T> {
+  async #routed<T>(
+    name: string | undefined,
+    method: string,
+    bytes: CallBytes,
+    attempt: (endpoint: Endpoint, deadline: number | undefined) => Promise<T>,
+    deadlineMs = this.#deadlineMs,
+  ): Promise<T> {
     const deadline = deadlineMs === undefined ? undefined : Date.now() + deadlineMs;
     let address = name === undefined ? this.#address : this.addressFor(name);
     for (let hop = 0, tries = 1; ; ) {
       try {
-        return await attempt(this.#endpoint(address), deadline);
+        return await this.#onConnection(address, bytes, (endpoint) => attempt(endpoint, deadline));
       } catch (err) {
         if (!(err instanceof NormserveClientError)) throw err;
         const owner = err.reason === 'BN_ERR_NOT_OWNER' ? err.info.owner : undefined;
@@ -498,16 +522,18 @@ export class NormserveClient {
 
   async loadState(name: string, state: StateDict, options: LoadOptions = {}): Promise<LoadResult> {
     const wire: ModuleState = { version: options.version === undefined ? 2 : (options.version ?? 0) };
+    let bytes = 0;
     for (const key of ['weight', 'bias', 'running_mean', 'running_var'] as const) {
       const t = state[key];
       if (t) wire[key] = encodeTensor([t.length], t);
+      bytes += t?.byteLength ?? 0;
     }
     if (state.num_batches_tracked !== undefined) wire.num_batches_tracked = String(state.num_batches_tracked);
     const r = await this.#call<{ module: Module__Output; missing_keys: string[]; unexpected_keys: string[] }>('LoadState', {
       name,
       state: wire,
       strict: options.strict ?? true,
-    });
+    }, 'modules', undefined, bytes);
     return { module: moduleFromWire(r.module), missingKeys: r.missing_keys, unexpectedKeys: r.unexpected_keys };
   }
 
@@ -640,10 +666,10 @@ export class NormserveClient {
     return r.regions.map(regionFromWire);
   }
 
-  #call<T>(method: string, request: object, kind: ServiceKind = 'modules', deadlineMs?: number): Promise<T> {
+  #call<T>(method: string, request: object, kind: ServiceKind = 'modules', deadlineMs?: number, bytes: CallBytes = 0): Promise<T> {
     const named = (request as { name?: unknown }).name;
     const name = !UNROUTED.has(method) && typeof named === 'string' ? named : undefined;
-    return this.#routed(name, method, (endpoint, deadline) => this.#callOn<T>(endpoint[kind], method, request, deadline), deadlineMs);
+    return this.#routed(name, method, bytes, (endpoint, deadline) => this.#callOn<T>(endpoint[kind], method, request, deadline), deadlineMs);
   }
 
   #callOn<T>(stub: object, method: string, request: object, deadline: number | undefined): Promise<T> {
@@ -708,12 +734,14 @@ export class NormserveClient {
     }
     const streamed = transport === 'stream' || (transport === undefined && input.data.byteLength > this.#streamAboveBytes);
     if (!streamed) {
-      const r = await this.#call<Record<string, unknown>>(method, { ...request, [inField]: encodeTensor(input.shape, input.data) }, kind, deadlineMs);
+      // The answer's tensor has the request's size.
+      const r = await this.#call<Record<string, unknown>>(method, { ...request, [inField]: encodeTensor(input.shape, input.data) }, kind, deadlineMs, input.data.byteLength);
       return { tensor: tensorFromWire(r[outField] as Tensor__Output), response: r as R };
     }
     return this.#routed(
       typeof named === 'string' ? named : undefined,
       method,
+      input.data.byteLength,
       (endpoint, deadline) => this.#stream<R>(endpoint[kind], method, request, input, inField, outField, deadline),
       deadlineMs,
     );

@@ -69,4 +69,41 @@ describe('connections', () => {
       for (const c of clients) c.close();
     }
   });
+
+  it('runs overlapping large calls of one NormserveClient on connections of their own, which one shared connection deadlocks on', async () => {
+    // 16 callers of one client, each making 8 MiB Forwards back to back: on one connection, both
+    // ends reach a pending write with the other's unread (with every call on one connection this
+    // test timed out in 2 of 2 runs, a script of the same in 5 of 5).
+    server = await startTestServer({});
+    const port = Number(server.address.split(':').pop());
+    const client = new NormserveClient(server.address, { deadlineMs: 30_000, retry: false });
+    const callers = 16;
+    const batch = 2048; // (2048, 16, 8, 8) float32: 8 MiB
+    try {
+      await client.createModule('m', { kind: 'BATCH_NORM_2D', numFeatures: 16 });
+      await client.eval('m');
+      const input = new Float32Array(batch * 16 * 64);
+      for (let i = 0; i < input.length; i++) input[i] = i % 7;
+      let peak = 0;
+      await Promise.all(
+        Array.from({ length: callers }, async () => {
+          for (let round = 0; round < 4; round++) {
+            const out = await client.forward('m', { shape: [batch, 16, 8, 8], data: input });
+            peak = Math.max(peak, clientConnections(port));
+            // Eval with fresh running statistics: (x - 0) / sqrt(1 + eps).
+            expect(out.data[6]).toBeCloseTo(6 / Math.sqrt(1 + 1e-5), 5);
+          }
+        }),
+      );
+      expect(peak).toBeGreaterThan(1);
+      expect(peak).toBeLessThanOrEqual(callers);
+      // Calls one after another reuse what is open.
+      const open = clientConnections(port);
+      for (let i = 0; i < 5; i++) await client.forward('m', { shape: [batch, 16, 8, 8], data: input });
+      await client.getModule('m');
+      expect(clientConnections(port)).toBe(open);
+    } finally {
+      await client.close();
+    }
+  }, 60_000);
 });
