@@ -106,4 +106,24 @@ describe('connections', () => {
       await client.close();
     }
   }, 60_000);
+
+  it("lets grpc-js close the connections of a burst once they sit idle, and opens them again", async () => {
+    server = await startTestServer({});
+    const port = Number(server.address.split(':').pop());
+    const client = new NormserveClient(server.address, { retry: false, channelOptions: { 'grpc.client_idle_timeout_ms': 1000 } });
+    const input = { shape: [64, 16, 8, 8], data: new Float32Array(64 * 16 * 64).fill(1) }; // 256 KiB
+    try {
+      await client.createModule('m', { kind: 'BATCH_NORM_2D', numFeatures: 16 });
+      await Promise.all(Array.from({ length: 4 }, () => client.forward('m', input)));
+      expect(clientConnections(port)).toBeGreaterThan(1);
+      // The channel goes idle after 1 s; grpc-js's subchannel pool drops the connection within 10 s more.
+      const until = Date.now() + 20_000;
+      while (clientConnections(port) > 0 && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 100));
+      expect(clientConnections(port)).toBe(0);
+      const out = await client.forward('m', input);
+      expect(out.data.length).toBe(input.data.length);
+    } finally {
+      await client.close();
+    }
+  }, 40_000);
 });
