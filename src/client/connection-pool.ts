@@ -9,7 +9,9 @@
  * `shareBytes` gets a connection to itself for as long as it runs, and calls below it share one
  * while the tensor bytes they carry stay within `shareBytes` (HTTP/2's default window, which any
  * socket's buffers hold). A call's request and answer never move at once: the server answers a
- * tensor call, unary or streamed, after it has read all of the request.
+ * tensor call, unary or streamed, after it has read all of the request. Calls whose answer alone
+ * may be large (GetState) count as small: sharing only with small calls, whose requests never
+ * leave the client's end with a write pending, they move bytes one way.
  *
  * Connections are opened when every open one is taken and kept for reuse; grpc-js closes the TCP
  * connection under one idle past `grpc.client_idle_timeout_ms` and opens it again on the next call.
