@@ -73,7 +73,7 @@ describe('connections', () => {
   it('runs overlapping large calls of one NormserveClient on connections of their own, which one shared connection deadlocks on', async () => {
     // 16 callers of one client, each making 8 MiB Forwards back to back: on one connection, both
     // ends reach a pending write with the other's unread (with every call on one connection this
-    // test timed out in 2 of 2 runs, a script of the same in 5 of 5).
+    // test timed out in 2 of 2 runs, a script of the same in 6 of 6).
     server = await startTestServer({});
     const port = Number(server.address.split(':').pop());
     const client = new NormserveClient(server.address, { deadlineMs: 30_000, retry: false });
