@@ -17,8 +17,10 @@
  * connection under one idle past `grpc.client_idle_timeout_ms` and opens it again on the next call.
  */
 
+import { HTTP2_DEFAULT_WINDOW } from '../wire/transport.js';
+
 /** Tensor bytes below which calls share a connection: HTTP/2's default window. */
-export const SHARE_BYTES = 65_535;
+export const SHARE_BYTES = HTTP2_DEFAULT_WINDOW;
 
 interface Line<S> {
   readonly stubs: S;
@@ -47,11 +49,6 @@ export class ConnectionPool<S> {
     this.#close = close;
     this.#shareBytes = shareBytes;
     this.#lines.push({ stubs: open(), calls: 0, bytes: 0 });
-  }
-
-  /** Connections open (or kept for reuse). */
-  get size(): number {
-    return this.#lines.length;
   }
 
   /** A connection for a call that moves `bytes` of tensor each way: the first that can take it, or a new one. */

@@ -7,6 +7,7 @@ import { connect, type ClientHttp2Session } from 'node:http2';
 import { afterEach, describe, expect, it } from 'vitest';
 import { NormserveClient } from '../../src/client/client.js';
 import type { Config } from '../../src/config.js';
+import { until } from '../support/etcd.js';
 import { startTestServer, type TestServer } from '../support/server.js';
 
 let server: TestServer | undefined;
@@ -60,7 +61,7 @@ function clientConnections(port: number): number {
 describe('connections', () => {
   it('gives each NormserveClient a connection of its own (two Node.js ends with large windows deadlock on a shared one)', async () => {
     server = await startTestServer({});
-    const port = Number(server.address.split(':').pop());
+    const port = server.running.port;
     const clients = [new NormserveClient(server.address), new NormserveClient(server.address), new NormserveClient(server.address)];
     try {
       await Promise.all(clients.map((c) => c.listModules()));
@@ -75,7 +76,7 @@ describe('connections', () => {
     // ends reach a pending write with the other's unread (with every call on one connection this
     // test timed out in 2 of 2 runs, a script of the same in 6 of 6).
     server = await startTestServer({});
-    const port = Number(server.address.split(':').pop());
+    const port = server.running.port;
     const client = new NormserveClient(server.address, { deadlineMs: 30_000, retry: false });
     const callers = 16;
     const batch = 2048; // (2048, 16, 8, 8) float32: 8 MiB
@@ -109,7 +110,7 @@ describe('connections', () => {
 
   it("lets grpc-js close the connections of a burst once they sit idle, and opens them again", async () => {
     server = await startTestServer({});
-    const port = Number(server.address.split(':').pop());
+    const port = server.running.port;
     const client = new NormserveClient(server.address, { retry: false, channelOptions: { 'grpc.client_idle_timeout_ms': 1000 } });
     const input = { shape: [64, 16, 8, 8], data: new Float32Array(64 * 16 * 64).fill(1) }; // 256 KiB
     try {
@@ -117,8 +118,7 @@ describe('connections', () => {
       await Promise.all(Array.from({ length: 4 }, () => client.forward('m', input)));
       expect(clientConnections(port)).toBeGreaterThan(1);
       // The channel goes idle after 1 s; grpc-js's subchannel pool drops the connection within 10 s more.
-      const until = Date.now() + 20_000;
-      while (clientConnections(port) > 0 && Date.now() < until) await new Promise((resolve) => setTimeout(resolve, 100));
+      await until(() => clientConnections(port) === 0, 20_000, 'the idle connections to close');
       expect(clientConnections(port)).toBe(0);
       const out = await client.forward('m', input);
       expect(out.data.length).toBe(input.data.length);
