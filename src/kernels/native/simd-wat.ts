@@ -166,7 +166,8 @@ const gradInputRows = `
  */
 const NC_LOCALS = `(local $b i32) (local $ch i32) (local $row i32) (local $x i32) (local $at i32) (local $cv i32)
     (local $v0 v128) (local $v1 v128) (local $v2 v128) (local $v3 v128) (local $g0 v128) (local $g1 v128) (local $g2 v128) (local $g3 v128)
-    (local $mlo v128) (local $mhi v128) (local $d0 v128) (local $d1 v128) (local $d2 v128) (local $d3 v128)
+    (local $mlo v128) (local $mhi v128) (local $alo v128) (local $ahi v128) (local $blo v128) (local $bhi v128) (local $klo v128) (local $khi v128)
+    (local $d0 v128) (local $d1 v128) (local $d2 v128) (local $d3 v128)
     (local $e0 v128) (local $e1 v128) (local $e2 v128) (local $e3 v128)
     (local $s0 f64) (local $s1 f64) (local $s2 f64) (local $s3 f64) (local $t0 f64) (local $t1 f64) (local $t2 f64) (local $t3 f64) (local $m f64)`;
 
@@ -277,35 +278,76 @@ const gradSumsNc = `
       },
     )})`;
 
-/** y = (x − mean) · scale + shift over (N, C): x at $px, y at $po (element-wise: any order). */
+/**
+ * y = (x − mean) · scale + shift over (N, C): x at $px, y at $po (element-wise: any order). Each
+ * vector of channels' coefficients is loaded once per four samples (the compiler reloads them
+ * after every store otherwise: a store could have changed them).
+ */
 const normalizeNc = `
   (func (export "normalize_nc") (param $px i32) (param $po i32) (param $c i32) (param $samples i32) (param $pm i32) (param $psc i32) (param $psh i32)
     ${NC_LOCALS}
     ${(() => {
+      const load = `(local.set $mlo (v128.load ${chan('$pm')})) (local.set $mhi (v128.load ${chan('$pm', 16)}))
+        (local.set $alo (v128.load ${chan('$psc')})) (local.set $ahi (v128.load ${chan('$psc', 16)}))
+        (local.set $blo (v128.load ${chan('$psh')})) (local.set $bhi (v128.load ${chan('$psh', 16)}))`;
       const vec = (j: number) => `(local.set $v0 (v128.load ${at('$px', j)}))
         (v128.store ${at('$po', j)} ${pack(
-          `(f64x2.add (f64x2.mul (f64x2.sub ${lo(L('v0'))} (v128.load ${chan('$pm')})) (v128.load ${chan('$psc')})) (v128.load ${chan('$psh')}))`,
-          `(f64x2.add (f64x2.mul (f64x2.sub ${hi(L('v0'))} (v128.load ${chan('$pm', 16)})) (v128.load ${chan('$psc', 16)})) (v128.load ${chan('$psh', 16)}))`,
+          `(f64x2.add (f64x2.mul (f64x2.sub ${lo(L('v0'))} ${L('mlo')}) ${L('alo')}) ${L('blo')})`,
+          `(f64x2.add (f64x2.mul (f64x2.sub ${hi(L('v0'))} ${L('mhi')}) ${L('ahi')}) ${L('bhi')})`,
         )})`;
       const sca = (j: number) =>
         `(f32.store ${at('$po', j)} (f32.demote_f64 (f64.add (f64.mul (f64.sub ${f32(at('$px', j))} (f64.load ${chan('$pm')})) (f64.load ${chan('$psc')})) (f64.load ${chan('$psh')}))))`;
-      return samples({ vector: [0, 1, 2, 3].map(vec).join('\n        '), scalar: [0, 1, 2, 3].map(sca).join('\n        ') }, { vector: vec(0), scalar: sca(0) });
+      return samples({ vector: load + [0, 1, 2, 3].map(vec).join('\n        '), scalar: [0, 1, 2, 3].map(sca).join('\n        ') }, { vector: load + vec(0), scalar: sca(0) });
     })()})`;
 
-/** grad_input over (N, C): x at $px, dy at $pdy, the answer at $po. */
+/** grad_input over (N, C): x at $px, dy at $pdy, the answer at $po (coefficients loaded as in normalize_nc). */
 const gradInputNc = `
   (func (export "grad_input_nc") (param $px i32) (param $pdy i32) (param $po i32) (param $c i32) (param $samples i32) (param $pm i32) (param $pa i32) (param $pb i32) (param $pk i32)
     ${NC_LOCALS}
     ${(() => {
+      const load = `(local.set $mlo (v128.load ${chan('$pm')})) (local.set $mhi (v128.load ${chan('$pm', 16)}))
+        (local.set $alo (v128.load ${chan('$pa')})) (local.set $ahi (v128.load ${chan('$pa', 16)}))
+        (local.set $blo (v128.load ${chan('$pb')})) (local.set $bhi (v128.load ${chan('$pb', 16)}))
+        (local.set $klo (v128.load ${chan('$pk')})) (local.set $khi (v128.load ${chan('$pk', 16)}))`;
       const vec = (j: number) => `(local.set $v0 (v128.load ${at('$px', j)})) (local.set $g0 (v128.load ${at('$pdy', j)}))
         (v128.store ${at('$po', j)} ${pack(
-          `(f64x2.add (f64x2.add (f64x2.mul ${lo(L('g0'))} (v128.load ${chan('$pa')})) (f64x2.mul (f64x2.sub ${lo(L('v0'))} (v128.load ${chan('$pm')})) (v128.load ${chan('$pb')}))) (v128.load ${chan('$pk')}))`,
-          `(f64x2.add (f64x2.add (f64x2.mul ${hi(L('g0'))} (v128.load ${chan('$pa', 16)})) (f64x2.mul (f64x2.sub ${hi(L('v0'))} (v128.load ${chan('$pm', 16)})) (v128.load ${chan('$pb', 16)}))) (v128.load ${chan('$pk', 16)}))`,
+          `(f64x2.add (f64x2.add (f64x2.mul ${lo(L('g0'))} ${L('alo')}) (f64x2.mul (f64x2.sub ${lo(L('v0'))} ${L('mlo')}) ${L('blo')})) ${L('klo')})`,
+          `(f64x2.add (f64x2.add (f64x2.mul ${hi(L('g0'))} ${L('ahi')}) (f64x2.mul (f64x2.sub ${hi(L('v0'))} ${L('mhi')}) ${L('bhi')})) ${L('khi')})`,
         )})`;
       const sca = (j: number) => `(f32.store ${at('$po', j)} (f32.demote_f64 (f64.add (f64.add (f64.mul ${f32(at('$pdy', j))} (f64.load ${chan('$pa')}))
           (f64.mul (f64.sub ${f32(at('$px', j))} (f64.load ${chan('$pm')})) (f64.load ${chan('$pb')}))) (f64.load ${chan('$pk')}))))`;
-      return samples({ vector: [0, 1, 2, 3].map(vec).join('\n        '), scalar: [0, 1, 2, 3].map(sca).join('\n        ') }, { vector: vec(0), scalar: sca(0) });
+      return samples({ vector: load + [0, 1, 2, 3].map(vec).join('\n        '), scalar: [0, 1, 2, 3].map(sca).join('\n        ') }, { vector: load + vec(0), scalar: sca(0) });
     })()})`;
+
+/**
+ * addRows (loops.ts) over `rows` rows of `width` float64 values at $p, into $out: row 0, then
+ * each later row added in row order, two values at a time. `width` is even (2c).
+ */
+const addRowsF64 = `
+  (func (export "add_rows") (param $p i32) (param $width i32) (param $rows i32) (param $out i32)
+    (local $r i32) (local $src i32) (local $dst i32) (local $end i32)
+    (local.set $end (i32.add (local.get $out) (i32.shl (local.get $width) (i32.const 3))))
+    (local.set $src (local.get $p))
+    (local.set $dst (local.get $out))
+    (block $first_done (loop $first
+      (br_if $first_done (i32.ge_u (local.get $dst) (local.get $end)))
+      (v128.store (local.get $dst) (v128.load (local.get $src)))
+      (local.set $src (i32.add (local.get $src) (i32.const 16)))
+      (local.set $dst (i32.add (local.get $dst) (i32.const 16)))
+      (br $first)))
+    (local.set $r (i32.const 1))
+    (block $rows_done (loop $rows
+      (br_if $rows_done (i32.ge_u (local.get $r) (local.get $rows)))
+      (local.set $dst (local.get $out))
+      (block $row_done (loop $row
+        (br_if $row_done (i32.ge_u (local.get $dst) (local.get $end)))
+        (v128.store (local.get $dst) (f64x2.add (v128.load (local.get $dst)) (v128.load (local.get $src))))
+        (local.set $src (i32.add (local.get $src) (i32.const 16)))
+        (local.set $dst (i32.add (local.get $dst) (i32.const 16)))
+        (br $row)))
+      (local.set $r (i32.add (local.get $r) (i32.const 1)))
+      (br $rows)))
+  )`;
 
 export const SIMD_WAT = `(module
   (memory (export "memory") 1)
@@ -317,4 +359,5 @@ export const SIMD_WAT = `(module
   ${gradSumsNc}
   ${normalizeNc}
   ${gradInputNc}
+  ${addRowsF64}
 )`;
