@@ -128,6 +128,7 @@ describe('native backend', () => {
   describe('fused passes', () => {
     const layouts: Layout[] = [
       { n: 4, c: 3, s: 6001 },
+      { n: 64, c: 1024, s: 1 },
       { n: 3, c: 5, s: 7 },
       { n: 7, c: 3, s: 1 },
       { n: 9, c: 4, s: 1 },
@@ -175,8 +176,11 @@ describe('native backend', () => {
         if (!first.has(key)) first.set(key, bits(values));
         expect(bits(values)).toEqual(first.get(key));
       };
-      for (const [threads, simd] of [[1, false], [1, true], [2, true], [3, false], [3, true]] as const) {
-        const kernels = start({ threads, inlineBelow: 0, simd });
+      // keepBytes: what each thread keeps of the first half's chunks for the second (the default
+      // keeps every chunk here, 300 kB some of them, 0 none: those are copied in again).
+      const configs = [[1, false], [1, true], [1, true, 300_000], [2, true], [2, true, 0], [3, false], [3, true], [3, true, 300_000]] as const;
+      for (const [threads, simd, keepBytes] of configs) {
+        const kernels = start({ threads, inlineBelow: 0, simd, keepBytes });
         await kernels.ready;
         expect(kernels.simd).toBe(simd);
         for (const layout of layouts) {

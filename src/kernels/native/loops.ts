@@ -5,8 +5,9 @@
  * Each loop covers a range of units so that worker threads can split one tensor between them:
  * with s > 1 a unit is one (sample, channel) row of s elements; with s = 1 (an (N, C) input) a
  * unit is one sample's C values. Sums are added into `acc` (length 2c): acc[ch] and acc[c + ch].
- * Below them: the same loops on WebAssembly SIMD (`*Range`, simd-wat.ts), the chunks threads
- * take (`*Chunks`), and the fused forward and backward shares.
+ * Below them: the same loops on WebAssembly SIMD (simd-wat.ts, over chunks copied into each
+ * thread's SIMD memory), the chunks threads take (`*Chunks`), and the fused forward and backward
+ * shares.
  *
  * These functions are also the source of the worker threads (`Function.prototype.toString`), so
  * each must be self-contained: no imports, no closures, no calls to anything but each other.
@@ -195,7 +196,7 @@ export function gradInputUnits(
 }
 
 /*
- * The SIMD loops (simd-wat.ts), where a thread has them: each range is copied into the thread's
+ * The SIMD loops (simd-wat.ts), where a thread has them: each chunk is copied into the thread's
  * own WebAssembly memory, run there, and its output copied back. They give the bits of the loops
  * above, so which of the two a thread runs changes nothing but the time.
  */
@@ -207,83 +208,104 @@ export interface SimdLoops {
 }
 
 /**
- * Puts range [u0, u1)'s x (and dy) into `simd`'s memory, grown as needed, and says where things
- * go: x, dy and the output at the source's offset modulo 16 (V8 copies between equally aligned
- * offsets word by word), then four per-channel float64 arrays (p0..p3) and the 2c sums.
+ * A region's bytes, a multiple of 16 padded to 1088 bytes (17 cache lines) past a multiple of
+ * 4096, so that regions the loops walk side by side start at different offsets within a 4 KiB
+ * page. At the same page offset a load waits on an earlier store to any of them (the core
+ * compares addresses' low 12 bits first) and they fight for one set of the L1 cache: the (N, C)
+ * grad_input loop on (256,1024) ran 1.8 times as long with its three tensors 64 KiB + 16 bytes
+ * apart.
  */
-export function simdRange(simd: SimdLoops, c: number, s: number, u0: number, u1: number, x: Float32Array, dy: Float32Array | null) {
-  const first = s === 1 ? u0 * c : u0 * s;
-  const length = (s === 1 ? u1 * c : u1 * s) - first;
-  const base = (x.byteOffset + first * 4) % 16;
-  const span = Math.ceil((length * 4 + 16) / 16) * 16;
-  const chBytes = Math.ceil((c * 8) / 16) * 16;
-  const p0 = 3 * span;
-  const sums = p0 + 4 * chBytes;
-  const end = sums + 2 * chBytes;
+export function staggered(bytes: number): number {
+  const b = Math.ceil(bytes / 16) * 16;
+  return b + ((4096 + 1088 - (b % 4096)) % 4096);
+}
+
+/** `simd`'s memory, grown to at least `end` bytes. (Growing replaces its buffer.) */
+export function simdMemory(simd: SimdLoops, end: number): ArrayBuffer {
   const have = simd.memory.buffer.byteLength;
   if (end > have) simd.memory.grow(Math.ceil((end - have) / 65536));
-  const buffer = simd.memory.buffer;
-  const at = { x: base, dy: span + base, out: 2 * span + base, p0, p1: p0 + chBytes, p2: p0 + 2 * chBytes, p3: p0 + 3 * chBytes, sums };
-  new Float32Array(buffer, at.x, length).set(x.subarray(first, first + length));
-  if (dy) new Float32Array(buffer, at.dy, length).set(dy.subarray(first, first + length));
-  return { at, buffer, first, length };
+  return simd.memory.buffer;
 }
 
-/** statsUnits, on the SIMD loops when `simd` is given. */
-export function statsRange(simd: SimdLoops | null, x: Float32Array, c: number, s: number, u0: number, u1: number, k: Float64Array, acc: Float64Array): void {
-  if (simd === null) return statsUnits(x, c, s, u0, u1, k, acc);
-  const { at, buffer } = simdRange(simd, c, s, u0, u1, x, null);
-  new Float64Array(buffer, at.p0, c).set(k);
-  const sums = new Float64Array(buffer, at.sums, 2 * c);
-  sums.set(acc);
-  if (s === 1) simd.exports.stats_nc!(at.x, c, u1 - u0, at.p0, at.sums);
-  else simd.exports.stats_rows!(at.x, s, u1 - u0, u0 % c, c, at.p0, at.sums);
-  acc.set(sums);
+/**
+ * One pass's place in a thread's SIMD memory: four per-channel float64 arrays (p0..p3) and a
+ * chunk's 2c sums, room for one chunk's x, dy and output, then the chunks kept for a fused pass's
+ * second half (`kept`: chunk → its x and dy pointers), up to `limit`.
+ */
+export interface SimdPass {
+  readonly simd: SimdLoops;
+  readonly c: number;
+  readonly ch: number;
+  readonly sums: number;
+  readonly x: number;
+  readonly dy: number;
+  readonly out: number;
+  next: number;
+  readonly limit: number;
+  readonly kept: Map<number, number[]>;
 }
 
-/** gradSumsUnits, on the SIMD loops when `simd` is given. */
-export function gradSumsRange(
-  simd: SimdLoops | null, x: Float32Array, dy: Float32Array, c: number, s: number, u0: number, u1: number, mean: Float64Array, acc: Float64Array,
-): void {
-  if (simd === null) return gradSumsUnits(x, dy, c, s, u0, u1, mean, acc);
-  const { at, buffer } = simdRange(simd, c, s, u0, u1, x, dy);
-  new Float64Array(buffer, at.p0, c).set(mean);
-  const sums = new Float64Array(buffer, at.sums, 2 * c);
-  sums.set(acc);
-  if (s === 1) simd.exports.grad_sums_nc!(at.x, at.dy, c, u1 - u0, at.p0, at.sums);
-  else simd.exports.grad_sums_rows!(at.x, at.dy, s, u1 - u0, u0 % c, c, at.p0, at.sums);
-  acc.set(sums);
+/**
+ * Lays a pass out for chunks of up to `most` elements, keeping up to `keep` bytes of chunks for
+ * a second half, with `arrays` in p0.. (simdArrays).
+ */
+export function simdPass(simd: SimdLoops, c: number, most: number, keep: number, arrays: Float64Array[]): SimdPass {
+  const ch = staggered(c * 8);
+  const sums = 4 * ch;
+  const x = sums + staggered(16 * c);
+  const room = staggered(most * 4 + 16);
+  const kept = x + 3 * room;
+  simdMemory(simd, kept);
+  const pass = { simd, c, ch, sums, x, dy: x + room, out: x + 2 * room, next: kept, limit: kept + keep, kept: new Map<number, number[]>() };
+  simdArrays(pass, arrays);
+  return pass;
 }
 
-/** normalizeUnits, on the SIMD loops when `simd` is given. */
-export function normalizeRange(
-  simd: SimdLoops | null, x: Float32Array, y: Float32Array, c: number, s: number, u0: number, u1: number,
-  mean: Float64Array, scale: Float64Array, shift: Float64Array,
-): void {
-  if (simd === null) return normalizeUnits(x, y, c, s, u0, u1, mean, scale, shift);
-  const { at, buffer, first, length } = simdRange(simd, c, s, u0, u1, x, null);
-  new Float64Array(buffer, at.p0, c).set(mean);
-  new Float64Array(buffer, at.p1, c).set(scale);
-  new Float64Array(buffer, at.p2, c).set(shift);
-  if (s === 1) simd.exports.normalize_nc!(at.x, at.out, c, u1 - u0, at.p0, at.p1, at.p2);
-  else simd.exports.normalize_rows!(at.x, at.out, s, u1 - u0, u0 % c, c, at.p0, at.p1, at.p2);
-  y.set(new Float32Array(buffer, at.out, length), first);
+/** Puts per-channel arrays in p0.. of `pass`. */
+export function simdArrays(pass: SimdPass, arrays: Float64Array[]): void {
+  const buffer = pass.simd.memory.buffer;
+  for (let i = 0; i < arrays.length; i++) new Float64Array(buffer, i * pass.ch, pass.c).set(arrays[i]!);
 }
 
-/** gradInputUnits, on the SIMD loops when `simd` is given. */
-export function gradInputRange(
-  simd: SimdLoops | null, x: Float32Array, dy: Float32Array, gi: Float32Array, c: number, s: number, u0: number, u1: number,
-  mean: Float64Array, a: Float64Array, b: Float64Array, k: Float64Array,
-): void {
-  if (simd === null) return gradInputUnits(x, dy, gi, c, s, u0, u1, mean, a, b, k);
-  const { at, buffer, first, length } = simdRange(simd, c, s, u0, u1, x, dy);
-  new Float64Array(buffer, at.p0, c).set(mean);
-  new Float64Array(buffer, at.p1, c).set(a);
-  new Float64Array(buffer, at.p2, c).set(b);
-  new Float64Array(buffer, at.p3, c).set(k);
-  if (s === 1) simd.exports.grad_input_nc!(at.x, at.dy, at.out, c, u1 - u0, at.p0, at.p1, at.p2, at.p3);
-  else simd.exports.grad_input_rows!(at.x, at.dy, at.out, s, u1 - u0, u0 % c, c, at.p0, at.p1, at.p2, at.p3);
-  gi.set(new Float32Array(buffer, at.out, length), first);
+/** Where a chunk of units starts, as an element index, and its elements. */
+export function chunkElements(c: number, s: number, u0: number, u1: number): number[] {
+  const unit = s === 1 ? c : s;
+  return [u0 * unit, (u1 - u0) * unit];
+}
+
+/** The most elements a chunk of `chunks` over `units` can hold (chunkStart rounds). */
+export function mostElements(c: number, s: number, units: number, chunks: number): number {
+  return (Math.ceil(units / chunks) + 1) * (s === 1 ? c : s);
+}
+
+/**
+ * Copies elements [first, first + length) of each tensor into `pass`'s memory, at the source's
+ * offset modulo 16 (V8 copies between equally aligned offsets word by word): with `keepIt`,
+ * after the chunks kept so far where the pass has room left, else into its room for one chunk.
+ * Returns the pointers.
+ */
+export function simdPut(pass: SimdPass, chunk: number, tensors: Float32Array[], first: number, length: number, keepIt: boolean): number[] {
+  const size = staggered(length * 4 + 16);
+  const keep = keepIt && pass.next + tensors.length * size <= pass.limit;
+  const at = keep ? [pass.next, pass.next + size] : [pass.x, pass.dy];
+  const buffer = simdMemory(pass.simd, keep ? pass.next + tensors.length * size : pass.out);
+  const pointers = [];
+  for (let i = 0; i < tensors.length; i++) {
+    const t = tensors[i]!;
+    const p = at[i]! + ((t.byteOffset + first * 4) % 16);
+    new Float32Array(buffer, p, length).set(t.subarray(first, first + length));
+    pointers.push(p);
+  }
+  if (keep) {
+    pass.next += tensors.length * size;
+    pass.kept.set(chunk, pointers);
+  }
+  return pointers;
+}
+
+/** Where an output chunk goes in `pass`'s memory: its room, at the output's offset modulo 16. */
+export function simdOut(pass: SimdPass, y: Float32Array, first: number): number {
+  return pass.out + ((y.byteOffset + first * 4) % 16);
 }
 
 /*
@@ -293,20 +315,21 @@ export function gradInputRange(
  * however many threads there are.
  *
  * The threads of a pass take chunks from a shared counter and count them done (`sync`, a shared
- * Int32Array: [taken, done] for the first pass, [taken, done] for a fused second one, failed). A
- * fused forward or backward is one hand-off: once every chunk of the reduction is done, each
- * thread adds the rows up itself and takes chunks of the element-wise pass. A worker that wakes
- * late finds the chunks taken and does nothing, so the calling thread never waits for a thread to
- * start, only for chunks that another thread has taken to finish.
+ * Int32Array: taken, done, the fused second half's done, failed, then a claim per chunk). A fused
+ * forward or backward is one hand-off: once every chunk of the reduction is done, each thread
+ * adds the rows up itself and goes on to the element-wise half, claiming first the chunks it read
+ * in the first half (their x and dy are still in its SIMD memory, up to the pass's `keep` bytes)
+ * and then any chunk no thread has claimed. A worker that wakes late finds the chunks taken and
+ * does nothing, so the calling thread never waits for a thread to start, only for chunks that
+ * another thread has taken to finish.
  */
 
-/** sync's slots. */
+/** sync's slots (the functions below write them as numbers: the workers run them as source). */
 export const TAKEN = 0;
 export const DONE = 1;
-export const TAKEN_2 = 2;
-export const DONE_2 = 3;
-export const FAILED = 4;
-export const SYNC_SLOTS = 5;
+export const DONE_2 = 2;
+export const FAILED = 3;
+export const SYNC_SLOTS = 4;
 
 /**
  * Chunks for `units` units of `length` elements: one per 16384 elements, from 1 to 1024 (a
@@ -331,7 +354,7 @@ export function waitFor(sync: Int32Array, slot: number, target: number, timeoutM
   let seen;
   let deadline = 0;
   while ((seen = Atomics.load(sync, slot)) < target) {
-    if (Atomics.load(sync, 4) !== 0) throw new Error('a native worker failed its share of the pass (its stderr has the error)');
+    if (Atomics.load(sync, 3) !== 0) throw new Error('a native worker failed its share of the pass (its stderr has the error)');
     if (++spins < 4096) continue;
     if (deadline === 0) deadline = Date.now() + timeoutMs;
     Atomics.wait(sync, slot, seen, 20);
@@ -341,11 +364,11 @@ export function waitFor(sync: Int32Array, slot: number, target: number, timeoutM
 
 /** A share of a pass failed: lets every thread through and says so. */
 export function failPass(sync: Int32Array, chunks: number): void {
-  Atomics.store(sync, 4, 1);
+  Atomics.store(sync, 3, 1);
   Atomics.store(sync, 1, chunks);
-  Atomics.store(sync, 3, chunks);
+  Atomics.store(sync, 2, chunks);
   Atomics.notify(sync, 1);
-  Atomics.notify(sync, 3);
+  Atomics.notify(sync, 2);
 }
 
 /** Counts chunk done at sync[slot], waking a waiting thread after the last one. */
@@ -364,61 +387,161 @@ export function addRows(partials: Float64Array, width: number, rows: number): Fl
 }
 
 /**
- * Runs `body` over each chunk this thread takes from counter sync[taken], counting it done at
- * sync[taken + 1].
+ * addRows on the SIMD loops where there are some (the same adds in the same order), using
+ * `simd`'s memory from byte `at` (a multiple of 16) on: an (N, C) tensor of 1024 channels has
+ * 16 rows of 2048 sums, which the JavaScript loop adds in 50 µs, a tenth of a backward.
  */
-export function takeChunks(sync: Int32Array, taken: number, units: number, chunks: number, body: (u0: number, u1: number, chunk: number) => void): void {
-  for (let chunk = Atomics.add(sync, taken, 1); chunk < chunks; chunk = Atomics.add(sync, taken, 1)) {
+export function sumRows(simd: SimdLoops | null, partials: Float64Array, width: number, rows: number, at: number): Float64Array {
+  if (simd === null || rows === 1 || width % 2 !== 0) return addRows(partials, width, rows);
+  const values = rows * width;
+  const buffer = simdMemory(simd, at + (values + width) * 8);
+  new Float64Array(buffer, at, values).set(partials.subarray(0, values));
+  simd.exports.add_rows!(at, width, rows, at + values * 8);
+  return new Float64Array(buffer, at + values * 8, width).slice();
+}
+
+/** Runs `body` over each chunk this thread takes from counter sync[0], counting it done at sync[1]. */
+export function takeChunks(sync: Int32Array, units: number, chunks: number, body: (u0: number, u1: number, chunk: number) => void): void {
+  for (let chunk = Atomics.add(sync, 0, 1); chunk < chunks; chunk = Atomics.add(sync, 0, 1)) {
     body(chunkStart(units, chunks, chunk), chunkStart(units, chunks, chunk + 1), chunk);
-    chunkDone(sync, taken + 1, chunks);
+    chunkDone(sync, 1, chunks);
   }
 }
 
 /**
- * `sum(u0, u1, acc)` over the chunks this thread takes, each chunk's sums into its row of
- * partials. They go into plain memory first: V8's code for read-modify-writes of shared memory is
- * slower (the (N, C) loops update every channel's sums once per four samples).
+ * A fused pass's second half: runs `body` over the chunks this thread claims (sync[4 + chunk]
+ * from 0 to 1), first those `kept` names (with their pointers), then, from the last chunk down,
+ * any still unclaimed; counts each done at sync[2].
+ */
+export function claimChunks(
+  sync: Int32Array, units: number, chunks: number, kept: Map<number, number[]> | null,
+  body: (u0: number, u1: number, chunk: number, pointers: number[] | undefined) => void,
+): void {
+  const run = (chunk: number, pointers: number[] | undefined) => {
+    if (Atomics.compareExchange(sync, 4 + chunk, 0, 1) !== 0) return;
+    body(chunkStart(units, chunks, chunk), chunkStart(units, chunks, chunk + 1), chunk, pointers);
+    chunkDone(sync, 2, chunks);
+  };
+  if (kept) for (const [chunk, pointers] of kept) run(chunk, pointers);
+  for (let chunk = chunks - 1; chunk >= 0; chunk--) if (Atomics.load(sync, 4 + chunk) === 0) run(chunk, undefined);
+}
+
+/**
+ * A reduction over the chunks this thread takes, each chunk's sums into its row of partials.
+ * On the JavaScript loops the sums go into plain memory first (V8's code for read-modify-writes
+ * of shared memory is slower); the SIMD loops add into the pass's sums, zeroed per chunk.
+ * `simdSum(pass, pointers, u0, u1)` runs one chunk on the SIMD loops. Returns the SIMD pass.
  */
 export function sumChunks(
-  c: number, units: number, chunks: number, partials: Float64Array, sync: Int32Array, sum: (u0: number, u1: number, acc: Float64Array) => void,
-): void {
+  simd: SimdLoops | null, tensors: Float32Array[], c: number, s: number, units: number, chunks: number, keep: number, arrays: Float64Array[],
+  partials: Float64Array, sync: Int32Array,
+  jsSum: (u0: number, u1: number, acc: Float64Array) => void, simdSum: (pass: SimdPass, pointers: number[], u0: number, u1: number) => void,
+): SimdPass | null {
   const width = 2 * c;
-  const acc = new Float64Array(width);
-  takeChunks(sync, 0, units, chunks, (u0, u1, chunk) => {
-    acc.fill(0);
-    sum(u0, u1, acc);
-    partials.set(acc, chunk * width);
+  if (simd === null) {
+    const acc = new Float64Array(width);
+    takeChunks(sync, units, chunks, (u0, u1, chunk) => {
+      acc.fill(0);
+      jsSum(u0, u1, acc);
+      partials.set(acc, chunk * width);
+    });
+    return null;
+  }
+  const pass = simdPass(simd, c, mostElements(c, s, units, chunks), keep, arrays);
+  takeChunks(sync, units, chunks, (u0, u1, chunk) => {
+    const [first, length] = chunkElements(c, s, u0, u1) as [number, number];
+    const pointers = simdPut(pass, chunk, tensors, first, length, true);
+    const sums = new Float64Array(pass.simd.memory.buffer, pass.sums, width);
+    sums.fill(0);
+    simdSum(pass, pointers, u0, u1);
+    partials.set(sums, chunk * width);
   });
+  return pass;
 }
 
-/** statsUnits over the chunks this thread takes, each into its row of partials. */
+/**
+ * statsUnits over the chunks this thread takes, each into its row of partials, keeping up to
+ * `keep` bytes of x in SIMD memory. Returns the SIMD pass, if any.
+ */
 export function statsChunks(
   simd: SimdLoops | null, x: Float32Array, c: number, s: number, units: number, chunks: number, k: Float64Array, partials: Float64Array, sync: Int32Array,
-): void {
-  sumChunks(c, units, chunks, partials, sync, (u0, u1, acc) => statsRange(simd, x, c, s, u0, u1, k, acc));
+  keep: number,
+): SimdPass | null {
+  return sumChunks(simd, [x], c, s, units, chunks, keep, [k], partials, sync,
+    (u0, u1, acc) => statsUnits(x, c, s, u0, u1, k, acc),
+    (pass, at, u0, u1) => {
+      if (s === 1) pass.simd.exports.stats_nc!(at[0]!, c, u1 - u0, 0, pass.sums);
+      else pass.simd.exports.stats_rows!(at[0]!, s, u1 - u0, u0 % c, c, 0, pass.sums);
+    });
 }
 
-/** gradSumsUnits over the chunks this thread takes, each into its row of partials. */
+/** gradSumsUnits over the chunks this thread takes, as statsChunks (keeping x and dy). */
 export function gradSumsChunks(
-  simd: SimdLoops | null, x: Float32Array, dy: Float32Array, c: number, s: number, units: number, chunks: number, mean: Float64Array, partials: Float64Array, sync: Int32Array,
-): void {
-  sumChunks(c, units, chunks, partials, sync, (u0, u1, acc) => gradSumsRange(simd, x, dy, c, s, u0, u1, mean, acc));
+  simd: SimdLoops | null, x: Float32Array, dy: Float32Array, c: number, s: number, units: number, chunks: number, mean: Float64Array,
+  partials: Float64Array, sync: Int32Array, keep: number,
+): SimdPass | null {
+  return sumChunks(simd, [x, dy], c, s, units, chunks, keep, [mean], partials, sync,
+    (u0, u1, acc) => gradSumsUnits(x, dy, c, s, u0, u1, mean, acc),
+    (pass, at, u0, u1) => {
+      if (s === 1) pass.simd.exports.grad_sums_nc!(at[0]!, at[1]!, c, u1 - u0, 0, pass.sums);
+      else pass.simd.exports.grad_sums_rows!(at[0]!, at[1]!, s, u1 - u0, u0 % c, c, 0, pass.sums);
+    });
 }
 
-/** normalizeUnits over the chunks this thread takes from counter sync[taken]. */
+/**
+ * An element-wise pass over chunks: taken from the counter, or (`fused`: the second half of a
+ * fused pass) claimed, those `first`, the first half's pass, kept first. `simdRun(pass, pointers,
+ * out, u0, u1)` runs a chunk on the SIMD loops with its inputs at `pointers`, its output to go at
+ * `out`; the output is then copied into `y`.
+ */
+export function mapChunks(
+  simd: SimdLoops | null, inputs: Float32Array[], y: Float32Array, c: number, s: number, units: number, chunks: number, arrays: Float64Array[],
+  sync: Int32Array, fused: boolean, first: SimdPass | null,
+  jsRun: (u0: number, u1: number) => void, simdRun: (pass: SimdPass, pointers: number[], out: number, u0: number, u1: number) => void,
+): void {
+  let pass: SimdPass | null = null;
+  if (simd !== null) {
+    pass = first ?? simdPass(simd, c, mostElements(c, s, units, chunks), 0, arrays);
+    if (first) simdArrays(first, arrays);
+  }
+  const body = (u0: number, u1: number, chunk: number, pointers: number[] | undefined) => {
+    if (pass === null) return jsRun(u0, u1);
+    const [at, length] = chunkElements(c, s, u0, u1) as [number, number];
+    const from = pointers ?? simdPut(pass, chunk, inputs, at, length, false);
+    const out = simdOut(pass, y, at);
+    simdRun(pass, from, out, u0, u1);
+    y.set(new Float32Array(pass.simd.memory.buffer, out, length), at);
+  };
+  if (fused) claimChunks(sync, units, chunks, first ? first.kept : null, body);
+  else takeChunks(sync, units, chunks, (u0, u1, chunk) => body(u0, u1, chunk, undefined));
+}
+
+/** normalizeUnits over the chunks this thread takes (or claims, `fused`). */
 export function normalizeChunks(
   simd: SimdLoops | null, x: Float32Array, y: Float32Array, c: number, s: number, units: number, chunks: number,
-  mean: Float64Array, scale: Float64Array, shift: Float64Array, sync: Int32Array, taken: number,
+  mean: Float64Array, scale: Float64Array, shift: Float64Array, sync: Int32Array, fused: boolean, first: SimdPass | null,
 ): void {
-  takeChunks(sync, taken, units, chunks, (u0, u1) => normalizeRange(simd, x, y, c, s, u0, u1, mean, scale, shift));
+  mapChunks(simd, [x], y, c, s, units, chunks, [mean, scale, shift], sync, fused, first,
+    (u0, u1) => normalizeUnits(x, y, c, s, u0, u1, mean, scale, shift),
+    (pass, at, out, u0, u1) => {
+      const ch = pass.ch;
+      if (s === 1) pass.simd.exports.normalize_nc!(at[0]!, out, c, u1 - u0, 0, ch, 2 * ch);
+      else pass.simd.exports.normalize_rows!(at[0]!, out, s, u1 - u0, u0 % c, c, 0, ch, 2 * ch);
+    });
 }
 
-/** gradInputUnits over the chunks this thread takes from counter sync[taken]. */
+/** gradInputUnits over the chunks this thread takes (or claims, `fused`). */
 export function gradInputChunks(
   simd: SimdLoops | null, x: Float32Array, dy: Float32Array, gi: Float32Array, c: number, s: number, units: number, chunks: number,
-  mean: Float64Array, a: Float64Array, b: Float64Array, k: Float64Array, sync: Int32Array, taken: number,
+  mean: Float64Array, a: Float64Array, b: Float64Array, k: Float64Array, sync: Int32Array, fused: boolean, first: SimdPass | null,
 ): void {
-  takeChunks(sync, taken, units, chunks, (u0, u1) => gradInputRange(simd, x, dy, gi, c, s, u0, u1, mean, a, b, k));
+  mapChunks(simd, [x, dy], gi, c, s, units, chunks, [mean, a, b, k], sync, fused, first,
+    (u0, u1) => gradInputUnits(x, dy, gi, c, s, u0, u1, mean, a, b, k),
+    (pass, at, out, u0, u1) => {
+      const ch = pass.ch;
+      if (s === 1) pass.simd.exports.grad_input_nc!(at[0]!, at[1]!, out, c, u1 - u0, 0, ch, 2 * ch, 3 * ch);
+      else pass.simd.exports.grad_input_rows!(at[0]!, at[1]!, out, s, u1 - u0, u0 % c, c, 0, ch, 2 * ch, 3 * ch);
+    });
 }
 
 /**
@@ -441,37 +564,39 @@ export function meanAndM2(total: Float64Array, k: Float64Array, c: number, count
 /**
  * A training forward's share: statistics shifted by k; once every chunk is done, the batch's
  * mean and m2 (meanAndM2, as NativeKernels.stats derives them) and scale = invstd · weight with invstd =
- * 1/sqrt(m2/count + eps), or 0 where both are 0; then y over the chunks it takes.
- * Returns [mean, m2].
+ * 1/sqrt(m2/count + eps), or 0 where both are 0; then y over the chunks it claims, those whose x
+ * it kept first. Returns [mean, m2].
  */
 export function trainForwardShare(
   simd: SimdLoops | null, x: Float32Array, y: Float32Array, c: number, s: number, units: number, chunks: number, k: Float64Array,
-  weight: Float64Array, bias: Float64Array, eps: number, count: number, partials: Float64Array, sync: Int32Array,
+  weight: Float64Array, bias: Float64Array, eps: number, count: number, partials: Float64Array, sync: Int32Array, keep: number,
 ): Float64Array[] {
-  statsChunks(simd, x, c, s, units, chunks, k, partials, sync);
+  const pass = statsChunks(simd, x, c, s, units, chunks, k, partials, sync, keep);
   waitFor(sync, 1, chunks);
-  const [mean, m2] = meanAndM2(addRows(partials, 2 * c, chunks), k, c, count) as [Float64Array, Float64Array];
+  const [mean, m2] = meanAndM2(sumRows(simd, partials, 2 * c, chunks, pass ? pass.next : 0), k, c, count) as [Float64Array, Float64Array];
   const scale = new Float64Array(c);
   for (let ch = 0; ch < c; ch++) {
     const variance = m2[ch]! / count;
     scale[ch] = (variance === 0 && eps === 0 ? 0 : 1 / Math.sqrt(variance + eps)) * weight[ch]!;
   }
-  normalizeChunks(simd, x, y, c, s, units, chunks, mean, scale, bias, sync, 2);
+  normalizeChunks(simd, x, y, c, s, units, chunks, mean, scale, bias, sync, true, pass);
   return [mean, m2];
 }
 
 /**
  * A backward's share: Σ dy and Σ dy·(x − mean); once every chunk is done, a = weight·invstd and,
  * with batch statistics, b = −a·invstd²·S2/count and k = −a·S1/count (as batch-norm.ts derives
- * them); then grad_input = dy·a + (x − mean)·b + k over the chunks it takes. Returns the sums.
+ * them); then grad_input = dy·a + (x − mean)·b + k over the chunks it claims, those whose x and
+ * dy it kept first. Returns the sums.
  */
 export function backwardShare(
   simd: SimdLoops | null, x: Float32Array, dy: Float32Array, gi: Float32Array, c: number, s: number, units: number, chunks: number,
   mean: Float64Array, invstd: Float64Array, weight: Float64Array, batchStats: boolean, count: number, partials: Float64Array, sync: Int32Array,
+  keep: number,
 ): Float64Array {
-  gradSumsChunks(simd, x, dy, c, s, units, chunks, mean, partials, sync);
+  const pass = gradSumsChunks(simd, x, dy, c, s, units, chunks, mean, partials, sync, keep);
   waitFor(sync, 1, chunks);
-  const total = addRows(partials, 2 * c, chunks);
+  const total = sumRows(simd, partials, 2 * c, chunks, pass ? pass.next : 0);
   const a = new Float64Array(c);
   const b = new Float64Array(c);
   const k = new Float64Array(c);
@@ -483,16 +608,20 @@ export function backwardShare(
       k[ch] = (-a[ch]! * total[ch]!) / count;
     }
   }
-  gradInputChunks(simd, x, dy, gi, c, s, units, chunks, mean, a, b, k, sync, 2);
+  gradInputChunks(simd, x, dy, gi, c, s, units, chunks, mean, a, b, k, sync, true, pass);
   return total;
 }
 
-/** What every task of a pass shares: its chunks, their rows of sums, and the counters. */
+/**
+ * What every task of a pass shares: its chunks, their rows of sums, the counters and claims, and
+ * the bytes of chunks each thread may keep in its SIMD memory between a fused pass's halves.
+ */
 export interface Shared {
   units: number;
   chunks: number;
   partials: Float64Array;
   sync: Int32Array;
+  keep: number;
 }
 
 /** A share of a pass, as the calling thread runs it and the workers receive it. */
@@ -513,22 +642,22 @@ export type Task = Shared &
 export function runShare(simd: SimdLoops | null, t: Task): Float64Array[] | Float64Array | null {
   switch (t.op) {
     case 'stats':
-      statsChunks(simd, t.x, t.c, t.s, t.units, t.chunks, t.k, t.partials, t.sync);
+      statsChunks(simd, t.x, t.c, t.s, t.units, t.chunks, t.k, t.partials, t.sync, 0);
       return null;
     case 'normalize':
-      normalizeChunks(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.scale, t.p.shift, t.sync, 0);
+      normalizeChunks(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.scale, t.p.shift, t.sync, false, null);
       return null;
     case 'gradSums':
-      gradSumsChunks(simd, t.x, t.dy, t.c, t.s, t.units, t.chunks, t.mean, t.partials, t.sync);
+      gradSumsChunks(simd, t.x, t.dy, t.c, t.s, t.units, t.chunks, t.mean, t.partials, t.sync, 0);
       return null;
     case 'gradInput':
-      gradInputChunks(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.a, t.p.b, t.p.k, t.sync, 0);
+      gradInputChunks(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, t.p.mean, t.p.a, t.p.b, t.p.k, t.sync, false, null);
       return null;
     case 'trainForward':
-      return trainForwardShare(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.k, t.p.weight, t.p.bias, t.p.eps, t.count, t.partials, t.sync);
+      return trainForwardShare(simd, t.x, t.y, t.c, t.s, t.units, t.chunks, t.k, t.p.weight, t.p.bias, t.p.eps, t.count, t.partials, t.sync, t.keep);
     case 'backward': {
       const p = t.p;
-      return backwardShare(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, p.mean, p.invstd, p.weight, p.batchStats, p.count, t.partials, t.sync);
+      return backwardShare(simd, t.x, t.dy, t.gi, t.c, t.s, t.units, t.chunks, p.mean, p.invstd, p.weight, p.batchStats, p.count, t.partials, t.sync, t.keep);
     }
   }
 }

@@ -18,9 +18,10 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { BackwardParams, ChannelStats, FusedKernels, GradInputParams, GradSums, Kernels, Layout, NormalizeParams, TrainForwardParams } from '../kernels.js';
 import {
-  addRows, backwardShare, chunkCount, chunkDone, chunkStart, DONE, DONE_2, failPass, gradInputChunks, gradInputRange, gradInputUnits, gradSumsChunks,
-  gradSumsRange, gradSumsUnits, meanAndM2, normalizeChunks, normalizeRange, normalizeUnits, runShare, simdRange, statsChunks, statsRange, statsUnits,
-  sumChunks, SYNC_SLOTS, takeChunks, trainForwardShare, waitFor, type Shared, type SimdLoops, type Task,
+  addRows, backwardShare, sumRows, chunkCount, chunkDone, chunkElements, chunkStart, claimChunks, DONE, DONE_2, failPass, gradInputChunks, gradInputUnits,
+  gradSumsChunks, gradSumsUnits, mapChunks, meanAndM2, mostElements, normalizeChunks, normalizeUnits, runShare, simdArrays, simdMemory, simdOut,
+  simdPass, simdPut, staggered, statsChunks, statsUnits, sumChunks, SYNC_SLOTS, takeChunks, trainForwardShare, waitFor, type Shared, type SimdLoops,
+  type Task,
 } from './loops.js';
 import { instantiateSimd, simdModule } from './simd.js';
 
@@ -36,6 +37,12 @@ export interface NativeOptions {
   readonly poolBytes?: number;
   /** false keeps to the JavaScript loops (the SIMD loops give the same bits, faster). */
   readonly simd?: boolean;
+  /**
+   * Bytes of a fused forward's x, or a fused backward's x and dy, that each thread keeps in its
+   * SIMD memory between the reduction and the element-wise pass, instead of copying them in
+   * again (default 4 MiB; the memory stays with the thread).
+   */
+  readonly keepBytes?: number;
 }
 
 /** Bytes before each shared tensor, for the message head of an answer sent from it. */
@@ -50,9 +57,9 @@ const lastDone = (op: Task['op']) => (op === 'trainForward' || op === 'backward'
  * `{ simd }` message hands it the compiled SIMD loops, which it instantiates for itself.
  */
 const WORKER_SOURCE = `'use strict';
-${[statsUnits, normalizeUnits, gradSumsUnits, gradInputUnits, simdRange, statsRange, gradSumsRange, normalizeRange, gradInputRange,
-  chunkStart, waitFor, failPass, chunkDone, addRows, takeChunks, sumChunks, statsChunks, gradSumsChunks, normalizeChunks,
-  gradInputChunks, meanAndM2, trainForwardShare, backwardShare, runShare, instantiateSimd].map((f) => f.toString()).join('\n')}
+${[statsUnits, normalizeUnits, gradSumsUnits, gradInputUnits, staggered, simdMemory, simdPass, simdArrays, chunkElements, mostElements, simdPut,
+  simdOut, chunkStart, waitFor, failPass, chunkDone, addRows, sumRows, takeChunks, claimChunks, sumChunks, statsChunks, gradSumsChunks, mapChunks,
+  normalizeChunks, gradInputChunks, meanAndM2, trainForwardShare, backwardShare, runShare, instantiateSimd].map((f) => f.toString()).join('\n')}
 let SIMD = null;
 require('node:worker_threads').parentPort.on('message', (task) => {
   if (task.simd) {
@@ -84,6 +91,7 @@ export class NativeKernels implements Kernels {
   };
   readonly #threads: number;
   readonly #inlineBelow: number;
+  readonly #keepBytes: number;
   readonly #workers: Worker[] = [];
   #disposed = false;
   /** This thread's SIMD loops, their module for the workers, or why there are none. */
@@ -105,6 +113,7 @@ export class NativeKernels implements Kernels {
   constructor(options: NativeOptions = {}) {
     this.#threads = Math.max(1, Math.floor(options.threads ?? availableParallelism()));
     this.#inlineBelow = Math.max(0, options.inlineBelow ?? 65_536);
+    this.#keepBytes = Math.max(0, options.keepBytes ?? 4 * 1024 * 1024);
     this.#poolBytes = Math.max(0, options.poolBytes ?? 128 * 1024 * 1024);
     for (let i = 1; i < this.#threads; i++) this.#workers.push(this.#spawn());
     if (options.simd === false) {
@@ -288,7 +297,10 @@ export class NativeKernels implements Kernels {
     const worth = Math.floor(length / Math.max(1, this.#inlineBelow));
     const parts = this.#parallel(length) ? Math.max(1, Math.min(this.#threads, chunks, worth)) : 1;
     const width = 2 * layout.c;
-    const shared: Shared = { units, chunks, partials: this.#partials(chunks * width), sync: new Int32Array(parts > 1 ? new SharedArrayBuffer(SYNC_SLOTS * 4) : new ArrayBuffer(SYNC_SLOTS * 4)) };
+    // The counters, then a claim per chunk for a fused pass's second half.
+    const syncBytes = (SYNC_SLOTS + chunks) * 4;
+    const sync = new Int32Array(parts > 1 ? new SharedArrayBuffer(syncBytes) : new ArrayBuffer(syncBytes));
+    const shared: Shared = { units, chunks, partials: this.#partials(chunks * width), sync, keep: this.#keepBytes };
     const t = task(shared);
     for (let p = 1; p < parts; p++) this.#workers[p - 1]!.postMessage(t);
     let own: Float64Array[] | Float64Array | null;
@@ -299,7 +311,7 @@ export class NativeKernels implements Kernels {
       failPass(shared.sync, chunks);
       throw err;
     }
-    return { own, sums: () => addRows(shared.partials, width, chunks) };
+    return { own, sums: () => sumRows(this.#simd, shared.partials, width, chunks, 0) };
   }
 
   /**
