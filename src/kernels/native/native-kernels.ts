@@ -40,7 +40,8 @@ export interface NativeOptions {
   /**
    * Bytes of a fused forward's x, or a fused backward's x and dy, that each thread keeps in its
    * SIMD memory between the reduction and the element-wise pass, instead of copying them in
-   * again (default 4 MiB; the memory stays with the thread).
+   * again (default 4 MiB; the memory stays with the thread). Only passes whose whole input fits
+   * in this much per thread keep any.
    */
   readonly keepBytes?: number;
 }
@@ -300,8 +301,12 @@ export class NativeKernels implements Kernels {
     // The counters, then a claim per chunk for a fused pass's second half.
     const syncBytes = (SYNC_SLOTS + chunks) * 4;
     const sync = new Int32Array(parts > 1 ? new SharedArrayBuffer(syncBytes) : new ArrayBuffer(syncBytes));
-    const shared: Shared = { units, chunks, partials: this.#partials(chunks * width), sync, keep: this.#keepBytes };
+    const shared: Shared = { units, chunks, partials: this.#partials(chunks * width), sync, keep: 0 };
     const t = task(shared);
+    // A fused pass keeps chunks only where all of its input fits what its threads may keep: the
+    // memory a thread keeps stays with it, and a larger tensor is past the caches anyway.
+    const inputs = t.op === 'backward' ? 2 : 1;
+    if (length * 4 * inputs <= this.#keepBytes * parts) t.keep = this.#keepBytes;
     for (let p = 1; p < parts; p++) this.#workers[p - 1]!.postMessage(t);
     let own: Float64Array[] | Float64Array | null;
     try {
