@@ -268,7 +268,7 @@ export function simdArrays(pass: SimdPass, arrays: Float64Array[]): void {
 }
 
 /** Where a chunk of units starts, as an element index, and its elements. */
-export function chunkElements(c: number, s: number, u0: number, u1: number): number[] {
+export function chunkElements(c: number, s: number, u0: number, u1: number): [number, number] {
   const unit = s === 1 ? c : s;
   return [u0 * unit, (u1 - u0) * unit];
 }
@@ -449,7 +449,7 @@ export function sumChunks(
   }
   const pass = simdPass(simd, c, mostElements(c, s, units, chunks), keep, arrays);
   takeChunks(sync, units, chunks, (u0, u1, chunk) => {
-    const [first, length] = chunkElements(c, s, u0, u1) as [number, number];
+    const [first, length] = chunkElements(c, s, u0, u1);
     const pointers = simdPut(pass, chunk, tensors, first, length, true);
     const sums = new Float64Array(pass.simd.memory.buffer, pass.sums, width);
     sums.fill(0);
@@ -506,7 +506,7 @@ export function mapChunks(
   }
   const body = (u0: number, u1: number, chunk: number, pointers: number[] | undefined) => {
     if (pass === null) return jsRun(u0, u1);
-    const [at, length] = chunkElements(c, s, u0, u1) as [number, number];
+    const [at, length] = chunkElements(c, s, u0, u1);
     const from = pointers ?? simdPut(pass, chunk, inputs, at, length, false);
     const out = simdOut(pass, y, at);
     simdRun(pass, from, out, u0, u1);

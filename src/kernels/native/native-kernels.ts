@@ -18,9 +18,9 @@ import { availableParallelism } from 'node:os';
 import { Worker } from 'node:worker_threads';
 import type { BackwardParams, ChannelStats, FusedKernels, GradInputParams, GradSums, Kernels, Layout, NormalizeParams, TrainForwardParams } from '../kernels.js';
 import {
-  addRows, backwardShare, sumRows, chunkCount, chunkDone, chunkElements, chunkStart, claimChunks, DONE, DONE_2, failPass, gradInputChunks, gradInputUnits,
+  addRows, backwardShare, chunkCount, chunkDone, chunkElements, chunkStart, claimChunks, DONE, DONE_2, failPass, gradInputChunks, gradInputUnits,
   gradSumsChunks, gradSumsUnits, mapChunks, meanAndM2, mostElements, normalizeChunks, normalizeUnits, runShare, simdArrays, simdMemory, simdOut,
-  simdPass, simdPut, staggered, statsChunks, statsUnits, sumChunks, SYNC_SLOTS, takeChunks, trainForwardShare, waitFor, type Shared, type SimdLoops,
+  simdPass, simdPut, staggered, statsChunks, statsUnits, sumChunks, sumRows, SYNC_SLOTS, takeChunks, trainForwardShare, waitFor, type Shared, type SimdLoops,
   type Task,
 } from './loops.js';
 import { instantiateSimd, simdModule } from './simd.js';
@@ -303,10 +303,11 @@ export class NativeKernels implements Kernels {
     const sync = new Int32Array(parts > 1 ? new SharedArrayBuffer(syncBytes) : new ArrayBuffer(syncBytes));
     const shared: Shared = { units, chunks, partials: this.#partials(chunks * width), sync, keep: 0 };
     const t = task(shared);
-    // A fused pass keeps chunks only where all of its input fits what its threads may keep: the
-    // memory a thread keeps stays with it, and a larger tensor is past the caches anyway.
+    // A fused pass (the one with a second half) keeps chunks only where all of its input fits
+    // what its threads may keep: the memory a thread keeps stays with it, and a larger tensor is
+    // past the caches anyway.
     const inputs = t.op === 'backward' ? 2 : 1;
-    if (length * 4 * inputs <= this.#keepBytes * parts) t.keep = this.#keepBytes;
+    if (lastDone(t.op) === DONE_2 && length * 4 * inputs <= this.#keepBytes * parts) t.keep = this.#keepBytes;
     for (let p = 1; p < parts; p++) this.#workers[p - 1]!.postMessage(t);
     let own: Float64Array[] | Float64Array | null;
     try {
