@@ -15,7 +15,8 @@ import { slotOf, SLOTS } from '../../src/cluster/slots.js';
 import { Status } from '../../src/errors.js';
 import { grpcObject } from '../../src/wire/proto.js';
 import { channelData } from '../support/data.js';
-import { settled as settledOn, slotsByAddress as slotsOf, startEtcd, startReplica as startEtcdReplica, until, type EtcdServer, type Replica } from '../support/etcd.js';
+import { settled as settledOn, slotsByAddress as slotsOf, startEtcd, startReplica as startEtcdReplica, type EtcdServer, type Replica } from '../support/etcd.js';
+import { until } from '../support/until.js';
 import { freePorts, runNode, startMain, type Started } from '../support/main-process.js';
 import { rejection } from '../support/rejection.js';
 

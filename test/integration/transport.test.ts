@@ -7,7 +7,7 @@ import { connect, type ClientHttp2Session } from 'node:http2';
 import { afterEach, describe, expect, it } from 'vitest';
 import { NormserveClient } from '../../src/client/client.js';
 import type { Config } from '../../src/config.js';
-import { until } from '../support/etcd.js';
+import { until } from '../support/until.js';
 import { startTestServer, type TestServer } from '../support/server.js';
 
 let server: TestServer | undefined;

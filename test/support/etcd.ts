@@ -5,6 +5,7 @@
 import type { Etcd3 } from 'etcd3';
 import { SLOTS } from '../../src/cluster/slots.js';
 import { freePorts, startMain, type Started } from './main-process.js';
+import { until } from './until.js';
 
 export { startEtcd, type EtcdServer } from '../../bench/etcd-process.js';
 
@@ -31,15 +32,6 @@ export async function startReplica(endpoint: string, prefix: string, ttlSeconds:
     throw err;
   }
   return { address, process };
-}
-
-/** Polls `done` every 50 ms until it holds; fails after `ms`, naming `what`. */
-export async function until(done: () => boolean | Promise<boolean>, ms: number, what: string): Promise<void> {
-  const end = Date.now() + ms;
-  while (!(await done())) {
-    if (Date.now() > end) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
-    await new Promise((r) => setTimeout(r, 50));
-  }
 }
 
 /** Slots owned per member address, as etcd says. */

@@ -11,6 +11,7 @@ import { backward, BatchNorm } from '../../src/nn/batch-norm.js';
 import { resolveConfig } from '../../src/nn/config.js';
 import { referenceGradSums, referenceStats } from '../../src/kernels/reference.js';
 import { channelData } from '../support/data.js';
+import { until } from '../support/until.js';
 
 const open: NativeKernels[] = [];
 function start(options: ConstructorParameters<typeof NativeKernels>[0]): NativeKernels {
@@ -116,6 +117,25 @@ describe('native backend', () => {
     const y = await kernels.normalize(x, layout, { mean: Float64Array.of(3, 3), scale: Float64Array.of(1, 1), shift: Float64Array.of(0, 0) });
     expect(y[5]).toBeCloseTo(x[5]! - 3, 6);
     expect(y[63]).toBeCloseTo(x[63]! - 3, 6);
+  });
+
+  it('wakes its workers through their doorbells, also after they have slept, and gives their bits', async () => {
+    // A worker that never woke would leave every chunk to the calling thread and change no
+    // result, so the workers' own count of tasks taken is what shows them working.
+    const kernels = start({ threads: 3, inlineBelow: 0 });
+    await kernels.ready;
+    const layout = { n: 8, c: 3, s: 5000 };
+    const x = kernels.allocate(layout.n * layout.c * layout.s);
+    x.set(channelData(layout.n, layout.c, layout.s, 2, 1, 11));
+    const first = await kernels.stats(x, layout);
+    await until(() => kernels.workerTasks >= 2, 5_000, 'both workers to take the first pass');
+    await new Promise((r) => setTimeout(r, 100));
+    const again = await kernels.stats(x, layout);
+    await until(() => kernels.workerTasks >= 4, 5_000, 'both workers to wake for the second pass');
+    expect(again.mean).toEqual(first.mean);
+    expect(again.m2).toEqual(first.m2);
+    const reference = referenceStats(x, layout);
+    for (let ch = 0; ch < layout.c; ch++) expect(first.mean[ch]).toBeCloseTo(reference.mean[ch]!, 9);
   });
 
   it('refuses work once disposed', async () => {
