@@ -49,15 +49,18 @@ export interface NativeOptions {
 /** Bytes before each shared tensor, for the message head of an answer sent from it. */
 export const HEAD_ROOM = 256;
 
+/** The fused passes (those with a second half) and the tensors each reads in both halves. */
+const FUSED_INPUTS: Partial<Record<Task['op'], number>> = { trainForward: 1, backward: 2 };
+
 /** The slot that counts a task's last chunks done. */
-const lastDone = (op: Task['op']) => (op === 'trainForward' || op === 'backward' ? DONE_2 : DONE);
+const lastDone = (op: Task['op']) => (FUSED_INPUTS[op] === undefined ? DONE : DONE_2);
 
 /**
  * The worker threads' program: the loops and runShare, as source. A worker sleeps on its
  * doorbell (`Atomics.wait` on a shared counter) rather than in its event loop: the calling thread
  * posts a task on the worker's port and rings the bell, and the worker takes the task off the
  * port itself (`receiveMessageOnPort`). A futex wake reaches a sleeping thread sooner than a
- * message through libuv does (36 to 41 µs against 45 to 57 µs on the 2-core VM). A worker answers
+ * message through libuv does (docs/benchmarks.md, issue 15's sixth part). A worker answers
  * nothing on success (the calling thread counts chunks done); on failure it marks the pass failed.
  * A `{ simd }` message hands it the compiled SIMD loops, which it instantiates for itself; bell[1]
  * set to 1 ends it; bell[2] counts the tasks it took.
@@ -353,8 +356,8 @@ export class NativeKernels implements Kernels {
     // A fused pass (the one with a second half) keeps chunks only where all of its input fits
     // what its threads may keep: the memory a thread keeps stays with it, and a larger tensor is
     // past the caches anyway.
-    const inputs = t.op === 'backward' ? 2 : 1;
-    if (lastDone(t.op) === DONE_2 && length * 4 * inputs <= this.#keepBytes * parts) t.keep = this.#keepBytes;
+    const inputs = FUSED_INPUTS[t.op];
+    if (inputs !== undefined && length * 4 * inputs <= this.#keepBytes * parts) t.keep = this.#keepBytes;
     for (let p = 1; p < parts; p++) post(this.#workers[p - 1]!, t);
     let own: Float64Array[] | Float64Array | null;
     try {
