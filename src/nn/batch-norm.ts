@@ -436,13 +436,20 @@ export class BatchNorm {
   /** invstd from biased batch variances: 1/sqrt(var + eps), or 0 where var and eps are both 0 (§4). */
   batchInvstd(variance: Float64Array): Float64Array {
     const eps = this.#eps;
-    return variance.map((v) => (v === 0 && eps === 0 ? 0 : 1 / Math.sqrt(v + eps)));
+    const invstd = new Float64Array(variance.length);
+    for (let ch = 0; ch < invstd.length; ch++) {
+      const v = variance[ch]!;
+      invstd[ch] = v === 0 && eps === 0 ? 0 : 1 / Math.sqrt(v + eps);
+    }
+    return invstd;
   }
 
   /** invstd from running variances: 1/sqrt(var + eps), with no guard (§4: rv = 0, eps = 0 gives inf). */
   runningInvstd(variance: Float32Array): Float64Array {
     const eps = this.#eps;
-    return Float64Array.from(variance, (v) => 1 / Math.sqrt(v + eps));
+    const invstd = new Float64Array(variance.length);
+    for (let ch = 0; ch < invstd.length; ch++) invstd[ch] = 1 / Math.sqrt(variance[ch]! + eps);
+    return invstd;
   }
 
   /**
@@ -452,7 +459,7 @@ export class BatchNorm {
   async normalize(x: Float32Array, layout: Layout, mean: Float64Array, invstd: Float64Array, kernels: Kernels, disposable = false): Promise<Float32Array> {
     const scale = this.#scale(invstd);
     const shift = this.#affine('bias', layout.c);
-    const into = disposable && scale.every(finiteInFloat32) ? x : undefined;
+    const into = disposable && allFiniteInFloat32(scale) ? x : undefined;
     const y = await kernels.normalize(x, layout, { mean, scale, shift }, into);
     applyNonFiniteScale(x, y, layout, mean, scale, shift);
     return y;
@@ -461,13 +468,16 @@ export class BatchNorm {
   /** invstd · weight per channel. */
   #scale(invstd: Float64Array): Float64Array {
     const w = this.#weight;
-    return w ? invstd.map((v, ch) => v * w[ch]!) : Float64Array.from(invstd);
+    if (!w) return invstd.slice();
+    const scale = new Float64Array(invstd.length);
+    for (let ch = 0; ch < scale.length; ch++) scale[ch] = invstd[ch]! * w[ch]!;
+    return scale;
   }
 
   /** The weight (1 without affine parameters) or the bias (0 without), as float64. */
   #affine(which: 'weight' | 'bias', channels: number): Float64Array {
     const values = which === 'weight' ? this.#weight : this.#bias;
-    return values ? Float64Array.from(values) : new Float64Array(channels).fill(which === 'weight' ? 1 : 0);
+    return values ? new Float64Array(values) : new Float64Array(channels).fill(which === 'weight' ? 1 : 0);
   }
 
   /** What backward needs; `x` must already be the module's own copy. */
@@ -482,7 +492,9 @@ export class BatchNorm {
   /** invstd from batch statistics, with the eps = 0 guard, and the buffers' new values. */
   #fromBatch(mean: Float64Array, m2: Float64Array, count: number, plan: ForwardPlan) {
     const channels = mean.length;
-    const invstd = this.batchInvstd(m2.map((v) => v / count));
+    const variance = new Float64Array(channels);
+    for (let ch = 0; ch < channels; ch++) variance[ch] = m2[ch]! / count;
+    const invstd = this.batchInvstd(variance);
     const rm = plan.runningMean;
     const rv = plan.runningVar;
     const runningMean = rm ? new Float32Array(channels) : null;
@@ -504,6 +516,12 @@ export class BatchNorm {
 
 /** Whether a scale stays finite once the kernels round it to float32. */
 const finiteInFloat32 = (v: number): boolean => Number.isFinite(Math.fround(v));
+
+/** Whether every value stays finite in float32 (a loop: TypedArray methods with a callback cost ~13 ns a value). */
+function allFiniteInFloat32(values: Float64Array): boolean {
+  for (let i = 0; i < values.length; i++) if (!finiteInFloat32(values[i]!)) return false;
+  return true;
+}
 
 /**
  * PyTorch's CPU kernel computes y = x * a + b' with a = invstd * w and b' = b - mean * a. The two
@@ -536,7 +554,8 @@ function applyNonFiniteScale(
 function finiteScaleBound(weight: Float64Array, eps: number): boolean {
   if (!(eps > 0)) return false;
   const most = 1 / Math.sqrt(eps);
-  return weight.every((w) => finiteInFloat32(Math.abs(w) * most));
+  for (let ch = 0; ch < weight.length; ch++) if (!finiteInFloat32(Math.abs(weight[ch]!) * most)) return false;
+  return true;
 }
 
 /** autograd's check that grad_output has the output's shape. */
@@ -576,20 +595,22 @@ export async function backward(
   const layout = layoutOf(saved.shape);
   const channels = layout.c;
   const w = saved.weight;
-  const parameterGrads = (values: Float64Array) => (w === null ? null : Float32Array.from(values));
+  const parameterGrads = (values: Float64Array) => (w === null ? null : new Float32Array(values));
   // grad_weight = S2 · invstd and grad_bias = S1, from this shard's own sums.
-  const answer = (gradInput: Float32Array, local: GradSums) => ({
-    gradInput,
-    gradWeight: parameterGrads(local.sumDyXmu.map((v, ch) => v * saved.invstd[ch]!)),
-    gradBias: parameterGrads(local.sumDy),
-    local,
-  });
+  const answer = (gradInput: Float32Array, local: GradSums) => {
+    let gradWeight: Float32Array | null = null;
+    if (w !== null) {
+      gradWeight = new Float32Array(channels);
+      for (let ch = 0; ch < channels; ch++) gradWeight[ch] = local.sumDyXmu[ch]! * saved.invstd[ch]!;
+    }
+    return { gradInput, gradWeight, gradBias: parameterGrads(local.sumDy), local };
+  };
   if (saved.x.length === 0) {
     const zeros = new Float64Array(channels);
     return { gradInput: new Float32Array(0), gradWeight: parameterGrads(zeros), gradBias: parameterGrads(zeros), local: { sumDy: zeros, sumDyXmu: zeros } };
   }
   if (kernels.fused && !options.local && !options.group) {
-    const weight = w ? Float64Array.from(w) : new Float64Array(channels).fill(1);
+    const weight = w ? new Float64Array(w) : new Float64Array(channels).fill(1);
     const fused = await kernels.fused.backward(saved.x, dy, layout, { mean: saved.mean, invstd: saved.invstd, weight, batchStats: saved.batchStats, count: saved.count }, into);
     return answer(fused.gradInput, fused.sums);
   }
