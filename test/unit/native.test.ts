@@ -138,6 +138,38 @@ describe('native backend', () => {
     for (let ch = 0; ch < layout.c; ch++) expect(first.mean[ch]).toBeCloseTo(reference.mean[ch]!, 9);
   });
 
+  it('keeps a worker looking for the next task while tasks come closer than spinMicros, and lets it sleep otherwise', async () => {
+    // Passes 5 ms apart against a 60 s spinMicros: once one such gap has been seen, the worker
+    // finds every later ring while it looks and is never woken from sleep again. With spinMicros
+    // 0, or gaps (25 ms) longer than the window (1 ms), it never looks and sleeps after each pass.
+    // (Wake-up counts are bounds: a worker descheduled past a ring finds it without sleeping.)
+    const layout = { n: 4, c: 2, s: 5000 };
+    const wakesOver = async (spinMicros: number, gapMs = 5) => {
+      const kernels = start({ threads: 2, inlineBelow: 0, spinMicros });
+      await kernels.ready;
+      const x = kernels.allocate(layout.n * layout.c * layout.s);
+      x.set(channelData(layout.n, layout.c, layout.s, 2, 1, 5));
+      const pass = async (i: number) => {
+        await kernels.stats(x, layout);
+        await until(() => kernels.workerTasks >= i, 5_000, `the worker to take pass ${i}`);
+        await new Promise((r) => setTimeout(r, gapMs));
+      };
+      await pass(1);
+      await pass(2);
+      const [wakes, looks] = [kernels.workerWakes, kernels.workerLooks];
+      for (let i = 3; i <= 7; i++) await pass(i);
+      return { wakes: kernels.workerWakes - wakes, looks: kernels.workerLooks - looks };
+    };
+    const spinning = await wakesOver(60_000_000);
+    expect(spinning.wakes).toBe(0);
+    expect(spinning.looks).toBeGreaterThanOrEqual(4);
+    for (const [spinMicros, gapMs] of [[0, 25], [1000, 25]] as const) {
+      const sleeping = await wakesOver(spinMicros, gapMs);
+      expect(sleeping.looks).toBe(0);
+      expect(sleeping.wakes).toBeGreaterThan(0);
+    }
+  });
+
   it('refuses work once disposed', async () => {
     const kernels = new NativeKernels({ threads: 2, inlineBelow: 0 });
     await kernels.dispose();

@@ -44,6 +44,13 @@ export interface NativeOptions {
    * in this much per thread keep any.
    */
   readonly keepBytes?: number;
+  /**
+   * Microseconds a worker that has finished its share looks for the next task before it sleeps,
+   * while tasks have been coming at most this far apart (default 200; 0: never). Passes back to
+   * back then skip the wake-up (60 to 90 µs on this VM); a worker whose tasks come further apart
+   * sleeps at once, so a training loop's gaps cost no CPU.
+   */
+  readonly spinMicros?: number;
 }
 
 /** Bytes before each shared tensor, for the message head of an answer sent from it. */
@@ -60,17 +67,20 @@ const lastDone = (op: Task['op']) => (FUSED_INPUTS[op] === undefined ? DONE : DO
  * doorbell (`Atomics.wait` on a shared counter) rather than in its event loop: the calling thread
  * posts a task on the worker's port and rings the bell, and the worker takes the task off the
  * port itself (`receiveMessageOnPort`). A futex wake reaches a sleeping thread sooner than a
- * message through libuv does (docs/benchmarks.md, issue 15's sixth part). A worker answers
+ * message through libuv does (docs/benchmarks.md, issue 15's sixth part). While tasks come at
+ * most `spinMicros` apart, a worker that has finished one watches the bell that long before it
+ * sleeps (onnxruntime's pool spins likewise), since waking costs more than the gap (seventh part). A worker answers
  * nothing on success (the calling thread counts chunks done); on failure it marks the pass failed.
  * A `{ simd }` message hands it the compiled SIMD loops, which it instantiates for itself; bell[1]
- * set to 1 ends it; bell[2] counts the tasks it took.
+ * set to 1 ends it; bell[2] counts the tasks it took, bell[3] the times it was woken from sleep, bell[4] the times
+ * it looked for a task before sleeping.
  */
 const WORKER_SOURCE = `'use strict';
 ${[statsUnits, normalizeUnits, gradSumsUnits, gradInputUnits, staggered, simdMemory, simdPass, simdArrays, chunkElements, mostElements, simdPut,
   simdOut, chunkStart, waitFor, failPass, chunkDone, addRows, sumRows, takeChunks, claimChunks, sumChunks, statsChunks, gradSumsChunks, mapChunks,
   normalizeChunks, gradInputChunks, meanAndM2, trainForwardShare, backwardShare, runShare, instantiateSimd].map((f) => f.toString()).join('\n')}
 const { receiveMessageOnPort, workerData } = require('node:worker_threads');
-const { bell, port } = workerData;
+const { bell, port, spinMicros } = workerData;
 let SIMD = null;
 const handle = (task) => {
   if (task.simd) {
@@ -85,15 +95,25 @@ const handle = (task) => {
   }
   Atomics.add(bell, 2, 1);
 };
+const spinMs = spinMicros / 1000;
+let spin = false;
 for (let rung = 0; Atomics.load(bell, 1) === 0; ) {
   for (let m = receiveMessageOnPort(port); m !== undefined; m = receiveMessageOnPort(port)) handle(m.message);
-  Atomics.wait(bell, 0, rung);
+  const idle = performance.now();
+  if (spin) {
+    Atomics.add(bell, 4, 1);
+    while (Atomics.load(bell, 0) === rung && performance.now() - idle < spinMs);
+  }
+  if (Atomics.wait(bell, 0, rung) === 'ok') Atomics.add(bell, 3, 1);
+  // Spin next time only if this gap (spun or slept through) was short.
+  spin = performance.now() - idle < spinMs;
   rung = Atomics.load(bell, 0);
 }`;
 
 /**
  * A worker thread, the port its tasks go on and its doorbell: bell[0] counts rings, bell[1] = 1
- * stops it, bell[2] counts the tasks it took.
+ * stops it, bell[2] counts the tasks it took, bell[3] its wake-ups from sleep, bell[4] the times it looked
+ * for a task before sleeping.
  */
 interface NativeWorker {
   readonly thread: Worker;
@@ -101,11 +121,16 @@ interface NativeWorker {
   readonly bell: Int32Array;
 }
 
-/** Hands `message` to a worker and wakes it. */
-function post(worker: NativeWorker, message: unknown): void {
-  worker.port.postMessage(message);
+/** Rings a worker's doorbell: it finds out at once if it is looking, and wakes if it sleeps. */
+function ring(worker: NativeWorker): void {
   Atomics.add(worker.bell, 0, 1);
   Atomics.notify(worker.bell, 0);
+}
+
+/** Hands `message` to a worker and rings. */
+function post(worker: NativeWorker, message: unknown): void {
+  worker.port.postMessage(message);
+  ring(worker);
 }
 
 export class NativeKernels implements Kernels {
@@ -126,6 +151,7 @@ export class NativeKernels implements Kernels {
   readonly #threads: number;
   readonly #inlineBelow: number;
   readonly #keepBytes: number;
+  readonly #spinMicros: number;
   readonly #workers: NativeWorker[] = [];
   #disposed = false;
   /** This thread's SIMD loops, their module for the workers, or why there are none. */
@@ -148,6 +174,7 @@ export class NativeKernels implements Kernels {
     this.#threads = Math.max(1, Math.floor(options.threads ?? availableParallelism()));
     this.#inlineBelow = Math.max(0, options.inlineBelow ?? 65_536);
     this.#keepBytes = Math.max(0, options.keepBytes ?? 4 * 1024 * 1024);
+    this.#spinMicros = Math.max(0, options.spinMicros ?? 200);
     this.#poolBytes = Math.max(0, options.poolBytes ?? 128 * 1024 * 1024);
     for (let i = 1; i < this.#threads; i++) this.#workers.push(this.#spawn());
     if (options.simd === false) {
@@ -178,9 +205,26 @@ export class NativeKernels implements Kernels {
    * woke would leave every chunk to the calling thread, and no result would show it.
    */
   get workerTasks(): number {
-    let tasks = 0;
-    for (const w of this.#workers) tasks += Atomics.load(w.bell, 2);
-    return tasks;
+    return this.#count(2);
+  }
+
+  /**
+   * Times the worker threads were woken from sleep so far (a diagnostic): a task that finds its
+   * worker still looking for work (`spinMicros`) costs no wake-up.
+   */
+  get workerWakes(): number {
+    return this.#count(3);
+  }
+
+  /** Times the worker threads looked for a next task before sleeping (a diagnostic, see `spinMicros`). */
+  get workerLooks(): number {
+    return this.#count(4);
+  }
+
+  #count(slot: number): number {
+    let n = 0;
+    for (const w of this.#workers) n += Atomics.load(w.bell, slot);
+    return n;
   }
 
   /** Whether the SIMD loops run on this thread now. */
@@ -309,7 +353,7 @@ export class NativeKernels implements Kernels {
     await Promise.all(
       this.#workers.splice(0).map((w) => {
         Atomics.store(w.bell, 1, 1);
-        Atomics.notify(w.bell, 0);
+        ring(w);
         w.port.close();
         return w.thread.terminate();
       }),
@@ -381,9 +425,9 @@ export class NativeKernels implements Kernels {
   }
 
   #spawn(): NativeWorker {
-    const bell = new Int32Array(new SharedArrayBuffer(12));
+    const bell = new Int32Array(new SharedArrayBuffer(20));
     const { port1, port2 } = new MessageChannel();
-    const thread = new Worker(WORKER_SOURCE, { eval: true, name: 'normserve-native', workerData: { bell, port: port2 }, transferList: [port2] });
+    const thread = new Worker(WORKER_SOURCE, { eval: true, name: 'normserve-native', workerData: { bell, port: port2, spinMicros: this.#spinMicros }, transferList: [port2] });
     thread.unref();
     port1.unref();
     const worker = { thread, port: port1, bell };
