@@ -332,12 +332,14 @@ export const FAILED = 3;
 export const SYNC_SLOTS = 4;
 
 /**
- * Chunks for `units` units of `length` elements: one per 16384 elements, from 1 to 1024 (a
- * chunk's three tensors then fit a core's cache in each thread's SIMD memory, 192 KiB, up to
- * 16M-element tensors; 64 chunks at most held 1.2 MiB per thread for (32,64,56,56)).
+ * Chunks for `units` units of `length` elements: one per 32768 elements, from 1 to 1024 (a
+ * chunk's three tensors, 384 KiB, then fit a core's L2 cache in each thread's SIMD memory, up to
+ * 32M-element tensors). Half as many chunks as at 16384 elements halve the rows of sums each
+ * thread adds and the per-chunk work: 5 to 11 % off the fused passes on (256,1024) and
+ * (32,64,56,56), the same on (8,256,14,14) (docs/benchmarks.md, issue 15's seventh part).
  */
 export function chunkCount(units: number, length: number): number {
-  return Math.max(1, Math.min(units, 1024, Math.ceil(length / 16384)));
+  return Math.max(1, Math.min(units, 1024, Math.ceil(length / 32768)));
 }
 
 /** Where chunk `k` of `chunks` starts. */
