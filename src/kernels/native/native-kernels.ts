@@ -46,9 +46,12 @@ export interface NativeOptions {
   readonly keepBytes?: number;
   /**
    * Microseconds a worker that has finished its share looks for the next task before it sleeps,
-   * while tasks have been coming at most this far apart (default 200; 0: never). Passes back to
-   * back then skip the wake-up (60 to 90 µs on this VM); a worker whose tasks come further apart
-   * sleeps at once, so a training loop's gaps cost no CPU.
+   * while tasks have been coming at most this far apart (default 0: it sleeps at once). Passes
+   * run back to back then skip the wake-up (60 to 90 µs on this VM): 6 to 11 % off each. The
+   * looking is CPU taken from whatever shares the cores, and a CPU limit counts it: in the load
+   * test on this VM, clients on the same two cores, 200 µs cost 4 to 10 % of the calls per second
+   * (docs/benchmarks.md, issue 15's seventh part), so the server leaves it at 0; the kernels
+   * benchmark shows both.
    */
   readonly spinMicros?: number;
 }
@@ -67,13 +70,13 @@ const lastDone = (op: Task['op']) => (FUSED_INPUTS[op] === undefined ? DONE : DO
  * doorbell (`Atomics.wait` on a shared counter) rather than in its event loop: the calling thread
  * posts a task on the worker's port and rings the bell, and the worker takes the task off the
  * port itself (`receiveMessageOnPort`). A futex wake reaches a sleeping thread sooner than a
- * message through libuv does (docs/benchmarks.md, issue 15's sixth part). While tasks come at
- * most `spinMicros` apart, a worker that has finished one watches the bell that long before it
- * sleeps (onnxruntime's pool spins likewise), since waking costs more than the gap (seventh part). A worker answers
- * nothing on success (the calling thread counts chunks done); on failure it marks the pass failed.
- * A `{ simd }` message hands it the compiled SIMD loops, which it instantiates for itself; bell[1]
- * set to 1 ends it; bell[2] counts the tasks it took, bell[3] the times it was woken from sleep, bell[4] the times
- * it looked for a task before sleeping.
+ * message through libuv does (docs/benchmarks.md, issue 15's sixth part). With `spinMicros` set,
+ * while tasks come at most that far apart, a worker that has finished one watches the bell that
+ * long before it sleeps, as onnxruntime's pool does (off by default: seventh part). A worker
+ * answers nothing on success (the calling thread counts chunks done); on failure it marks the
+ * pass failed. A `{ simd }` message hands it the compiled SIMD loops, which it instantiates for
+ * itself; bell[1] set to 1 ends it; bell[2] counts the tasks it took, bell[3] the times it was
+ * woken from sleep, bell[4] the times it looked for a task before sleeping.
  */
 const WORKER_SOURCE = `'use strict';
 ${[statsUnits, normalizeUnits, gradSumsUnits, gradInputUnits, staggered, simdMemory, simdPass, simdArrays, chunkElements, mostElements, simdPut,
@@ -112,8 +115,8 @@ for (let rung = 0; Atomics.load(bell, 1) === 0; ) {
 
 /**
  * A worker thread, the port its tasks go on and its doorbell: bell[0] counts rings, bell[1] = 1
- * stops it, bell[2] counts the tasks it took, bell[3] its wake-ups from sleep, bell[4] the times it looked
- * for a task before sleeping.
+ * stops it, bell[2] counts the tasks it took, bell[3] its wake-ups from sleep, bell[4] the times
+ * it looked for a task before sleeping.
  */
 interface NativeWorker {
   readonly thread: Worker;
@@ -174,7 +177,7 @@ export class NativeKernels implements Kernels {
     this.#threads = Math.max(1, Math.floor(options.threads ?? availableParallelism()));
     this.#inlineBelow = Math.max(0, options.inlineBelow ?? 65_536);
     this.#keepBytes = Math.max(0, options.keepBytes ?? 4 * 1024 * 1024);
-    this.#spinMicros = Math.max(0, options.spinMicros ?? 200);
+    this.#spinMicros = Math.max(0, options.spinMicros ?? 0);
     this.#poolBytes = Math.max(0, options.poolBytes ?? 128 * 1024 * 1024);
     for (let i = 1; i < this.#threads; i++) this.#workers.push(this.#spawn());
     if (options.simd === false) {
