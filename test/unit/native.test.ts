@@ -162,7 +162,7 @@ describe('native backend', () => {
     };
     const spinning = await wakesOver(60_000_000);
     expect(spinning.wakes).toBe(0);
-    expect(spinning.looks).toBeGreaterThanOrEqual(4);
+    expect(spinning.looks).toBeGreaterThan(0);
     for (const [spinMicros, gapMs] of [[0, 25], [1000, 25]] as const) {
       const sleeping = await wakesOver(spinMicros, gapMs);
       expect(sleeping.looks).toBe(0);
