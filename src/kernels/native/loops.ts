@@ -390,8 +390,9 @@ export function addRows(partials: Float64Array, width: number, rows: number): Fl
 
 /**
  * addRows on the SIMD loops where there are some (the same adds in the same order), using
- * `simd`'s memory from byte `at` (a multiple of 16) on: an (N, C) tensor of 1024 channels has
- * 16 rows of 2048 sums, which the JavaScript loop adds in 50 µs, a tenth of a backward.
+ * `simd`'s memory from byte `at` (a multiple of 16) on: a (256, 1024) tensor has 8 rows of 2048
+ * sums (16 with the smaller chunks of before, which the JavaScript loop added in 50 µs, a tenth
+ * of a backward).
  */
 export function sumRows(simd: SimdLoops | null, partials: Float64Array, width: number, rows: number, at: number): Float64Array {
   if (simd === null || rows === 1 || width % 2 !== 0) return addRows(partials, width, rows);
