@@ -62,6 +62,13 @@ export const HEAD_ROOM = 256;
 /** The fused passes (those with a second half) and the tensors each reads in both halves. */
 const FUSED_INPUTS: Partial<Record<Task['op'], number>> = { trainForward: 1, backward: 2 };
 
+/**
+ * A worker's doorbell, a shared Int32Array: the rings, the stop word (1 ends the worker), and
+ * its counts of tasks taken, wake-ups from sleep and looks for a task before sleeping. The
+ * worker's source below has the slots written in.
+ */
+const BELL = { rings: 0, stop: 1, tasks: 2, wakes: 3, looks: 4, slots: 5 } as const;
+
 /** The slot that counts a task's last chunks done. */
 const lastDone = (op: Task['op']) => (FUSED_INPUTS[op] === undefined ? DONE : DONE_2);
 
@@ -75,8 +82,7 @@ const lastDone = (op: Task['op']) => (FUSED_INPUTS[op] === undefined ? DONE : DO
  * long before it sleeps, as onnxruntime's pool does (off by default: seventh part). A worker
  * answers nothing on success (the calling thread counts chunks done); on failure it marks the
  * pass failed. A `{ simd }` message hands it the compiled SIMD loops, which it instantiates for
- * itself; bell[1] set to 1 ends it; bell[2] counts the tasks it took, bell[3] the times it was
- * woken from sleep, bell[4] the times it looked for a task before sleeping.
+ * itself. The doorbell's slots are BELL's.
  */
 const WORKER_SOURCE = `'use strict';
 ${[statsUnits, normalizeUnits, gradSumsUnits, gradInputUnits, staggered, simdMemory, simdPass, simdArrays, chunkElements, mostElements, simdPut,
@@ -96,28 +102,24 @@ const handle = (task) => {
     failPass(task.sync, task.chunks);
     console.error('normserve native worker: ' + String((err && err.stack) || err));
   }
-  Atomics.add(bell, 2, 1);
+  Atomics.add(bell, ${BELL.tasks}, 1);
 };
 const spinMs = spinMicros / 1000;
 let spin = false;
-for (let rung = 0; Atomics.load(bell, 1) === 0; ) {
+for (let rung = 0; Atomics.load(bell, ${BELL.stop}) === 0; ) {
   for (let m = receiveMessageOnPort(port); m !== undefined; m = receiveMessageOnPort(port)) handle(m.message);
-  const idle = performance.now();
+  const idle = spinMs > 0 ? performance.now() : 0;
   if (spin) {
-    Atomics.add(bell, 4, 1);
-    while (Atomics.load(bell, 0) === rung && performance.now() - idle < spinMs);
+    Atomics.add(bell, ${BELL.looks}, 1);
+    while (Atomics.load(bell, ${BELL.rings}) === rung && performance.now() - idle < spinMs);
   }
-  if (Atomics.wait(bell, 0, rung) === 'ok') Atomics.add(bell, 3, 1);
-  // Spin next time only if this gap (spun or slept through) was short.
-  spin = performance.now() - idle < spinMs;
-  rung = Atomics.load(bell, 0);
+  if (Atomics.wait(bell, ${BELL.rings}, rung) === 'ok') Atomics.add(bell, ${BELL.wakes}, 1);
+  // Look next time only if this gap (looked or slept through) was short.
+  spin = spinMs > 0 && performance.now() - idle < spinMs;
+  rung = Atomics.load(bell, ${BELL.rings});
 }`;
 
-/**
- * A worker thread, the port its tasks go on and its doorbell: bell[0] counts rings, bell[1] = 1
- * stops it, bell[2] counts the tasks it took, bell[3] its wake-ups from sleep, bell[4] the times
- * it looked for a task before sleeping.
- */
+/** A worker thread, the port its tasks go on and its doorbell (BELL). */
 interface NativeWorker {
   readonly thread: Worker;
   readonly port: MessagePort;
@@ -126,8 +128,8 @@ interface NativeWorker {
 
 /** Rings a worker's doorbell: it finds out at once if it is looking, and wakes if it sleeps. */
 function ring(worker: NativeWorker): void {
-  Atomics.add(worker.bell, 0, 1);
-  Atomics.notify(worker.bell, 0);
+  Atomics.add(worker.bell, BELL.rings, 1);
+  Atomics.notify(worker.bell, BELL.rings);
 }
 
 /** Hands `message` to a worker and rings. */
@@ -208,7 +210,7 @@ export class NativeKernels implements Kernels {
    * woke would leave every chunk to the calling thread, and no result would show it.
    */
   get workerTasks(): number {
-    return this.#count(2);
+    return this.#count(BELL.tasks);
   }
 
   /**
@@ -216,15 +218,15 @@ export class NativeKernels implements Kernels {
    * worker still looking for work (`spinMicros`) costs no wake-up.
    */
   get workerWakes(): number {
-    return this.#count(3);
+    return this.#count(BELL.wakes);
   }
 
   /** Times the worker threads looked for a next task before sleeping (a diagnostic, see `spinMicros`). */
   get workerLooks(): number {
-    return this.#count(4);
+    return this.#count(BELL.looks);
   }
 
-  #count(slot: number): number {
+  #count(slot: (typeof BELL)['tasks' | 'wakes' | 'looks']): number {
     let n = 0;
     for (const w of this.#workers) n += Atomics.load(w.bell, slot);
     return n;
@@ -355,7 +357,7 @@ export class NativeKernels implements Kernels {
     this.#freeBytes = 0;
     await Promise.all(
       this.#workers.splice(0).map((w) => {
-        Atomics.store(w.bell, 1, 1);
+        Atomics.store(w.bell, BELL.stop, 1);
         ring(w);
         w.port.close();
         return w.thread.terminate();
@@ -428,7 +430,7 @@ export class NativeKernels implements Kernels {
   }
 
   #spawn(): NativeWorker {
-    const bell = new Int32Array(new SharedArrayBuffer(20));
+    const bell = new Int32Array(new SharedArrayBuffer(BELL.slots * 4));
     const { port1, port2 } = new MessageChannel();
     const thread = new Worker(WORKER_SOURCE, { eval: true, name: 'normserve-native', workerData: { bell, port: port2, spinMicros: this.#spinMicros }, transferList: [port2] });
     thread.unref();
